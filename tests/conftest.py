@@ -1,0 +1,66 @@
+"""Shared tiny models. Eight simulated CPU devices for the multi-device tests."""
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+
+def mlp_init(key, sizes=(6, 5, 3)):
+    params = []
+    for k, (fan_in, fan_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])):
+        params.append(
+            {"w": jax.random.normal(k, (fan_in, fan_out)) / jnp.sqrt(fan_in), "b": 0.1 * jnp.ones(fan_out)}
+        )
+    return params
+
+
+def mlp_apply(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def cross_entropy(logits, label):
+    return -jax.nn.log_softmax(logits)[label]
+
+
+def mlp_loss(params, example):
+    """Per-example cross-entropy of a tanh MLP."""
+    return cross_entropy(mlp_apply(params, example["x"]), example["y"])
+
+
+def cnn_init(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "conv": jax.random.normal(k1, (3, 1, 4)) / 3.0,  # (width, in, out), 1-D conv
+        "dense": jax.random.normal(k2, (4 * 4, 3)) / 4.0,
+    }
+
+
+def cnn_loss(params, example):
+    """Per-example cross-entropy of a 1-D CNN with average pooling."""
+    x = example["x"][None, :, None]  # (N=1, length 8, channels 1)
+    h = jax.lax.conv_general_dilated(
+        x, params["conv"], window_strides=(1,), padding="SAME", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    h = jax.nn.relu(h).reshape(1, 4, 2, 4).mean(axis=2)  # pool 8 -> 4
+    return cross_entropy(h.reshape(-1) @ params["dense"], example["y"])
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    key_p, key_x, key_y = jax.random.split(jax.random.key(0), 3)
+    params = mlp_init(key_p)
+    batch = {"x": jax.random.normal(key_x, (10, 6)), "y": jax.random.randint(key_y, (10,), 0, 3)}
+    return params, batch
+
+
+@pytest.fixture(scope="session")
+def cnn():
+    key_p, key_x, key_y = jax.random.split(jax.random.key(1), 3)
+    params = cnn_init(key_p)
+    batch = {"x": jax.random.normal(key_x, (7, 8)), "y": jax.random.randint(key_y, (7,), 0, 3)}
+    return params, batch
