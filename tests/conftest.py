@@ -10,9 +10,14 @@ import pytest  # noqa: E402
 
 def mlp_init(key, sizes=(6, 5, 3)):
     params = []
-    for k, (fan_in, fan_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])):
+    for k, (fan_in, fan_out) in zip(
+        jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:], strict=True), strict=True
+    ):
         params.append(
-            {"w": jax.random.normal(k, (fan_in, fan_out)) / jnp.sqrt(fan_in), "b": 0.1 * jnp.ones(fan_out)}
+            {
+                "w": jax.random.normal(k, (fan_in, fan_out)) / jnp.sqrt(fan_in),
+                "b": 0.1 * jnp.ones(fan_out),
+            }
         )
     return params
 
@@ -44,7 +49,11 @@ def cnn_loss(params, example):
     """Per-example cross-entropy of a 1-D CNN with average pooling."""
     x = example["x"][None, :, None]  # (N=1, length 8, channels 1)
     h = jax.lax.conv_general_dilated(
-        x, params["conv"], window_strides=(1,), padding="SAME", dimension_numbers=("NWC", "WIO", "NWC")
+        x,
+        params["conv"],
+        window_strides=(1,),
+        padding="SAME",
+        dimension_numbers=("NWC", "WIO", "NWC"),
     )
     h = jax.nn.relu(h).reshape(1, 4, 2, 4).mean(axis=2)  # pool 8 -> 4
     return cross_entropy(h.reshape(-1) @ params["dense"], example["y"])

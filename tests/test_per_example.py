@@ -43,8 +43,10 @@ def test_dispersion_matches_float64_reference(request, model, loss_fn):
             lambda x: jnp.asarray(x, jnp.float64) if x.dtype == jnp.float32 else x, batch
         )
         grads = _oracle_grads(loss_fn, params64, batch64)
-        losses = [float(loss_fn(params64, jax.tree_util.tree_map(lambda x, i=i: x[i], batch64)))
-                  for i in range(grads.shape[0])]
+        losses = [
+            float(loss_fn(params64, jax.tree_util.tree_map(lambda x, i=i: x[i], batch64)))
+            for i in range(grads.shape[0])
+        ]
     stats = jaxgen.gradient_dispersion(loss_fn, params, batch, method="vmap")
     np.testing.assert_allclose(stats.dispersion, _reference_dispersion(grads), rtol=1e-5)
     np.testing.assert_allclose(stats.sq_norms, np.sum(grads**2, axis=1), rtol=1e-5)
@@ -59,8 +61,11 @@ def test_layer_dispersion_is_per_leaf_and_adds_up(mlp):
     stats = jaxgen.gradient_dispersion(mlp_loss, params, batch)
     chex.assert_trees_all_equal_structs(stats.layer_dispersion, params)
     grads = jaxgen.per_example_grads(mlp_loss, params, batch)
-    for leaf, grad in zip(jax.tree_util.tree_leaves(stats.layer_dispersion),
-                          jax.tree_util.tree_leaves(grads)):
+    for leaf, grad in zip(
+        jax.tree_util.tree_leaves(stats.layer_dispersion),
+        jax.tree_util.tree_leaves(grads),
+        strict=True,
+    ):
         flat = np.asarray(grad, np.float64).reshape(10, -1)
         np.testing.assert_allclose(leaf, _reference_dispersion(flat), rtol=1e-5)
     total = sum(float(x) for x in jax.tree_util.tree_leaves(stats.layer_dispersion))
@@ -84,7 +89,9 @@ def _dominant_mean_loss(w, z):
 def test_dispersion_is_sound_in_float32_when_the_mean_dominates(microbatch_size):
     noise = np.asarray(jax.random.normal(jax.random.key(3), (64, 50)), np.float64) * 1e-2
     stats = jaxgen.gradient_dispersion(
-        _dominant_mean_loss, jnp.zeros(50), jnp.asarray(noise, jnp.float32),
+        _dominant_mean_loss,
+        jnp.zeros(50),
+        jnp.asarray(noise, jnp.float32),
         microbatch_size=microbatch_size,
     )
     # The exact dispersion of the float32 gradients JAX forms (≈ 5e-3, ‖ḡ‖² = 5e9).
@@ -111,8 +118,9 @@ def test_dispersion_inside_jit_compiles_once(mlp):
     second = step(jax.tree_util.tree_map(lambda x: x * 1.01, params), batch)
     assert len(traces) == 1
     assert float(first.dispersion) != float(second.dispersion)
-    chex.assert_trees_all_close(first, jaxgen.gradient_dispersion(mlp_loss, params, batch),
-                                rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(
+        first, jaxgen.gradient_dispersion(mlp_loss, params, batch), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_auto_is_vmap_until_ghost_lands(mlp):
@@ -129,7 +137,11 @@ def test_auto_is_vmap_until_ghost_lands(mlp):
     "kwargs, batch, message",
     [
         ({"method": "exact"}, {"x": jnp.ones((2, 3))}, "method must be one of"),
-        ({"microbatch_size": 0}, {"x": jnp.ones((2, 3))}, "microbatch_size must be an integer >= 1, got 0"),
+        (
+            {"microbatch_size": 0},
+            {"x": jnp.ones((2, 3))},
+            "microbatch_size must be an integer >= 1, got 0",
+        ),
         ({"microbatch_size": 2.5}, {"x": jnp.ones((2, 3))}, "microbatch_size .* got 2.5"),
         ({}, {"x": jnp.ones((2, 3)), "y": jnp.ones(3)}, r"batch leaves must share .* \[2, 3\]"),
         ({}, {"x": jnp.ones((2, 3)), "s": jnp.float32(1.0)}, "batch leaves must share .* scalar"),

@@ -1,0 +1,25 @@
+"""jaxgen: generalization of SGD-trained models in JAX.
+
+Per-example gradient statistics, information-theoretic generalization bounds and the
+regularizers of Wang & Mao, *On the Generalization of Models Trained with SGD:
+Information-Theoretic Bounds and Implications* (ICLR 2022).
+"""
+
+from jaxgen import bounds
+from jaxgen._flatness import MonteCarloEstimate, flatness_term, gradient_sensitivity
+from jaxgen._hessian import TraceEstimate, hessian_trace
+from jaxgen._per_example import DispersionStats, gradient_dispersion, per_example_grads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DispersionStats",
+    "MonteCarloEstimate",
+    "TraceEstimate",
+    "bounds",
+    "flatness_term",
+    "gradient_dispersion",
+    "gradient_sensitivity",
+    "hessian_trace",
+    "per_example_grads",
+]

@@ -1,0 +1,204 @@
+"""Monte Carlo estimates of the perturbation terms of the SGD bounds.
+
+Flatness (Wang & Mao, ICLR 2022, Theorem 1; Neu et al., COLT 2021):
+
+    γ(w, s) = E_Δ[L_s(w + Δ) − L_s(w)],   Δ ~ N(0, σ² I)
+    flatness = E[γ(w, S) − γ(w, S')]      (S: training data, S': held-out data)
+
+Gradient sensitivity (Neu et al., COLT 2021, Theorem 1):
+
+    Ψ(w) = E_{Z, ζ} ‖∇ℓ(w, Z) − ∇ℓ(w + ζ, Z)‖²,   ζ ~ N(0, σ² I)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen import _checks
+from jaxgen._per_example import LossFn, PyTree, _sq_norms
+
+
+class MonteCarloEstimate(NamedTuple):
+    """A Monte Carlo mean with its standard error (sample std / √num_samples)."""
+
+    value: jax.Array
+    stderr: jax.Array
+    num_samples: int
+
+
+def _sampling_dtype(dtype) -> jnp.dtype:
+    """Draw low-precision leaves in float32 and round, so their tails stay Gaussian."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def gaussian_like(key: jax.Array, params: PyTree, sigma: Any) -> PyTree:
+    """``Δ ~ N(0, σ² I)`` shaped like ``params``, one independent key per leaf."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    noise = [
+        (sigma * jax.random.normal(k, leaf.shape, _sampling_dtype(leaf.dtype))).astype(leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def _add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _mean_loss(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Array:
+    return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
+
+
+def _summarise(samples: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
+    value = jnp.mean(samples)
+    if num_samples == 1:
+        return value, jnp.full_like(value, jnp.nan)
+    return value, jnp.std(samples, ddof=1) / math.sqrt(num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_samples", "chunk_size"))
+def _flatness(loss_fn, params, train_batch, heldout_batch, key, sigma, num_samples, chunk_size):
+    clean_gap = _mean_loss(loss_fn, params, train_batch) - _mean_loss(
+        loss_fn, params, heldout_batch
+    )
+
+    def sample(sample_key):
+        perturbed = _add(params, gaussian_like(sample_key, params, sigma))
+        gap = _mean_loss(loss_fn, perturbed, train_batch) - _mean_loss(
+            loss_fn, perturbed, heldout_batch
+        )
+        return gap - clean_gap
+
+    keys = jax.random.split(key, num_samples)
+    return _summarise(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
+
+
+def flatness_term(
+    loss_fn: LossFn,
+    params: PyTree,
+    train_batch: PyTree,
+    heldout_batch: PyTree,
+    *,
+    key: jax.Array,
+    sigma: float,
+    num_samples: int = 32,
+    chunk_size: int = 8,
+) -> MonteCarloEstimate:
+    """Monte Carlo estimate of the flatness term ``E[γ(w, S) − γ(w, S')]``.
+
+    ``γ(w, s) = E_Δ[L_s(w + Δ) − L_s(w)]`` with ``Δ ~ N(0, σ² I)``. Each sample draws one
+    ``Δ_j`` and uses it on both batches (common random numbers), so the estimate is
+
+        (1/m) Σ_j [(L_S(w+Δ_j) − L_S(w)) − (L_S'(w+Δ_j) − L_S'(w))]
+
+    In Theorem 1 of Wang & Mao (ICLR 2022) ``Δ = Δ_T`` has variance ``Σ_t σ_t²`` per
+    coordinate: pass ``sigma = sqrt(Σ_t σ_t²)`` (``σ√T`` for a constant ``σ``). To second
+    order the term is ``σ² (Tr H_S − Tr H_S') / 2``.
+
+    Args:
+      loss_fn: per-example loss ``loss_fn(params, example) -> scalar``.
+      params: the trained weights ``w``.
+      train_batch: examples from the training set ``S``.
+      heldout_batch: examples from a held-out set ``S'`` of the same distribution.
+      key: PRNG key for the perturbations.
+      sigma: standard deviation of each coordinate of ``Δ``.
+      num_samples: number of perturbations ``m``.
+      chunk_size: perturbations evaluated together under ``vmap``.
+
+    Returns:
+      ``MonteCarloEstimate(value, stderr, num_samples)``; ``stderr`` is ``nan`` for one
+      sample.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxgen
+      >>> loss = lambda w, z: 0.5 * z * jnp.sum(w**2)   # Tr H = 2·z, γ = σ²·z
+      >>> est = jaxgen.flatness_term(loss, jnp.zeros(2), jnp.full(4, 2.0), jnp.ones(4),
+      ...                            key=jax.random.key(0), sigma=0.1, num_samples=2000)
+      >>> bool(abs(est.value - 0.01) < 4 * est.stderr)
+      True
+    """
+    _checks.batch_size("train_batch", train_batch)
+    _checks.batch_size("heldout_batch", heldout_batch)
+    _checks.key("key", key)
+    _checks.non_negative("sigma", sigma)
+    _checks.integer("num_samples", num_samples, minimum=1)
+    _checks.integer("chunk_size", chunk_size, minimum=1)
+    value, stderr = _flatness(
+        loss_fn,
+        params,
+        train_batch,
+        heldout_batch,
+        key,
+        sigma,
+        num_samples,
+        min(chunk_size, num_samples),
+    )
+    return MonteCarloEstimate(value, stderr, num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_samples", "chunk_size"))
+def _sensitivity(loss_fn, params, batch, key, sigma, num_samples, chunk_size):
+    per_example = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
+    clean = per_example(params, batch)
+
+    def sample(sample_key):
+        perturbed = _add(params, gaussian_like(sample_key, params, sigma))
+        difference = jax.tree_util.tree_map(jnp.subtract, clean, per_example(perturbed, batch))
+        return jnp.mean(_sq_norms(difference))
+
+    keys = jax.random.split(key, num_samples)
+    return _summarise(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
+
+
+def gradient_sensitivity(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    key: jax.Array,
+    sigma: float,
+    num_samples: int = 8,
+    chunk_size: int = 1,
+) -> MonteCarloEstimate:
+    """Monte Carlo estimate of the local gradient sensitivity ``Ψ(w)`` of Neu et al.
+
+    ``Ψ(w) = E_{Z,ζ} ‖∇ℓ(w, Z) − ∇ℓ(w + ζ, Z)‖²`` with ``ζ ~ N(0, σ² I)``, averaged over
+    the examples of ``batch`` and ``num_samples`` draws of ``ζ``. In Neu et al. (COLT
+    2021, Theorem 1), at step ``t`` the perturbation has variance ``2 Σ_{i<t} σ_i²``.
+    Each draw materialises the per-example gradients of ``batch`` (memory ``b × P``).
+
+    Args:
+      loss_fn: per-example loss ``loss_fn(params, example) -> scalar``.
+      params: the weights ``w``.
+      batch: examples ``Z``.
+      key: PRNG key for the perturbations.
+      sigma: standard deviation of each coordinate of ``ζ``.
+      num_samples: number of draws of ``ζ``.
+      chunk_size: draws evaluated together under ``vmap``.
+
+    Returns:
+      ``MonteCarloEstimate(value, stderr, num_samples)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxgen
+      >>> loss = lambda w, z: 0.5 * jnp.sum((w - z) ** 2)   # ∇ℓ(w+ζ) − ∇ℓ(w) = ζ
+      >>> est = jaxgen.gradient_sensitivity(loss, jnp.zeros(3), jnp.ones((2, 3)),
+      ...                                   key=jax.random.key(0), sigma=0.5)
+      >>> bool(abs(est.value - 3 * 0.25) < 4 * est.stderr)
+      True
+    """
+    _checks.batch_size("batch", batch)
+    _checks.key("key", key)
+    _checks.non_negative("sigma", sigma)
+    _checks.integer("num_samples", num_samples, minimum=1)
+    _checks.integer("chunk_size", chunk_size, minimum=1)
+    value, stderr = _sensitivity(
+        loss_fn, params, batch, key, sigma, num_samples, min(chunk_size, num_samples)
+    )
+    return MonteCarloEstimate(value, stderr, num_samples)
