@@ -56,23 +56,8 @@ class DispersionStats(NamedTuple):
         return self.dispersion / self.batch_size
 
 
-class _Moments(NamedTuple):
-    """Running moments of per-example gradients measured from a fixed ``shift``.
-
-    ``mean`` is the mean of the residuals ``g_i − shift`` and ``m2`` (per leaf)
-    ``Σ_i ‖g_i − ḡ‖²``. ``shift`` is the first microbatch's mean gradient: residuals are
-    then small, so neither their means nor the merge of two microbatches lose precision
-    to a large ``‖ḡ‖`` (the shifted-data form of Chan, Golub & LeVeque, 1983).
-    """
-
-    count: jax.Array
-    loss_sum: jax.Array
-    mean: PyTree
-    m2: PyTree
-
-
-def _per_example_values_and_grads(loss_fn: LossFn, params: PyTree, batch: PyTree):
-    return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, batch)
+def _per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
+    return jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
 
 
 def _sq_norms(grads: PyTree) -> jax.Array:
@@ -83,33 +68,21 @@ def _sq_norms(grads: PyTree) -> jax.Array:
     return functools.reduce(jnp.add, per_leaf)
 
 
-def _chunk_moments(loss_fn: LossFn, params: PyTree, chunk: PyTree, shift: PyTree | None):
-    """Moments of one microbatch about ``shift`` (its own mean gradient when ``None``)."""
-    losses, grads = _per_example_values_and_grads(loss_fn, params, chunk)
-    if shift is None:
-        shift = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+class _ResidualSums(NamedTuple):
+    """Per leaf: ``Σ_i r_i`` and ``Σ_i ‖r_i‖²`` for residuals ``r_i = g_i − shift``."""
+
+    total: PyTree
+    squares: PyTree
+
+
+def _residual_sums(loss_fn: LossFn, params: PyTree, chunk: PyTree, shift: PyTree):
+    grads = _per_example_grads(loss_fn, params, chunk)
     residuals = jax.tree_util.tree_map(jnp.subtract, grads, shift)
-    mean = jax.tree_util.tree_map(lambda r: jnp.mean(r, axis=0), residuals)
-    # Squared residuals from the mean, never Σ‖g_i‖² − b‖ḡ‖²: every term is >= 0.
-    m2 = jax.tree_util.tree_map(lambda r, m: jnp.sum(jnp.square(r - m)), residuals, mean)
-    moments = _Moments(jnp.asarray(losses.shape[0], losses.dtype), jnp.sum(losses), mean, m2)
-    return moments, _sq_norms(grads), shift
-
-
-def _merge(a: _Moments, b: _Moments) -> _Moments:
-    """Chan, Golub & LeVeque's pairwise update of the centred second moment."""
-    count = a.count + b.count
-    weight = b.count / count
-    delta = jax.tree_util.tree_map(jnp.subtract, b.mean, a.mean)
-    mean = jax.tree_util.tree_map(lambda m, d: m + d * weight.astype(d.dtype), a.mean, delta)
-    cross = a.count * weight
-    m2 = jax.tree_util.tree_map(
-        lambda ma, mb, d: ma + mb + jnp.sum(jnp.square(d)) * cross.astype(d.dtype),
-        a.m2,
-        b.m2,
-        delta,
+    sums = _ResidualSums(
+        jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), residuals),
+        jax.tree_util.tree_map(lambda r: jnp.sum(jnp.square(r)), residuals),
     )
-    return _Moments(count, a.loss_sum + b.loss_sum, mean, m2)
+    return sums, _sq_norms(grads)
 
 
 def _split(batch: PyTree, size: int, chunk: int):
@@ -127,29 +100,43 @@ def _split(batch: PyTree, size: int, chunk: int):
 @functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size"))
 def _dispersion_vmap(loss_fn, params, batch, microbatch_size):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    chunk = size if microbatch_size is None else min(microbatch_size, size)
-    head, tail = _split(batch, size, chunk)
-    first = jax.tree_util.tree_map(lambda x: x[0], head)
-    moments, first_norms, shift = _chunk_moments(loss_fn, params, first, None)
-    norms = [first_norms]
-    if jax.tree_util.tree_leaves(head)[0].shape[0] > 1:
-        rest = jax.tree_util.tree_map(lambda x: x[1:], head)
 
-        def body(carry, chunk_batch):
-            chunk_moments, chunk_norms, _ = _chunk_moments(loss_fn, params, chunk_batch, shift)
-            return _merge(carry, chunk_moments), chunk_norms
+    def mean_loss(p):
+        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch))
 
-        moments, rest_norms = jax.lax.scan(body, moments, rest)
-        norms.append(rest_norms.reshape(-1))
-    if tail is not None:
-        tail_moments, tail_norms, _ = _chunk_moments(loss_fn, params, tail, shift)
-        moments = _merge(moments, tail_moments)
-        norms.append(tail_norms)
-    layer_dispersion = jax.tree_util.tree_map(lambda m: m / size, moments.m2)
+    # The batch gradient (one cheap pass) is the shift: residuals g_i − shift are then
+    # centred to rounding error, so Σ‖r_i‖² − ‖Σ r_i‖²/b loses nothing to cancellation
+    # however large ‖ḡ‖ is (the shifted-data algorithm; Chan, Golub & LeVeque, 1983).
+    loss, shift = jax.value_and_grad(mean_loss)(params)
+    if microbatch_size is None or microbatch_size >= size:
+        sums, sq_norms = _residual_sums(loss_fn, params, batch, shift)
+    else:
+        head, tail = _split(batch, size, microbatch_size)
+
+        def body(carry, chunk):
+            sums, norms = _residual_sums(loss_fn, params, chunk, shift)
+            return jax.tree_util.tree_map(jnp.add, carry, sums), norms
+
+        zeros = _ResidualSums(
+            jax.tree_util.tree_map(jnp.zeros_like, shift),
+            jax.tree_util.tree_map(lambda g: jnp.zeros((), g.dtype), shift),
+        )
+        sums, norms = jax.lax.scan(body, zeros, head)
+        norms = [norms.reshape(-1)]
+        if tail is not None:
+            tail_sums, tail_norms = _residual_sums(loss_fn, params, tail, shift)
+            sums = jax.tree_util.tree_map(jnp.add, sums, tail_sums)
+            norms.append(tail_norms)
+        sq_norms = jnp.concatenate(norms)
+    layer_dispersion = jax.tree_util.tree_map(
+        lambda squares, total: jnp.maximum(squares - jnp.sum(jnp.square(total)) / size, 0) / size,
+        sums.squares,
+        sums.total,
+    )
     return DispersionStats(
-        loss=moments.loss_sum / size,
-        grad=jax.tree_util.tree_map(jnp.add, shift, moments.mean),
-        sq_norms=jnp.concatenate(norms),
+        loss=loss,
+        grad=jax.tree_util.tree_map(lambda s, t: s + t / size, shift, sums.total),
+        sq_norms=sq_norms,
         dispersion=functools.reduce(jnp.add, jax.tree_util.tree_leaves(layer_dispersion)),
         layer_dispersion=layer_dispersion,
     )
@@ -198,9 +185,8 @@ def gradient_dispersion(
 
     ``dispersion = (1/b) Σ_i ‖g_i − ḡ‖²``; ``stats.minibatch_variance = dispersion / b`` is
     the ``V_t`` of Theorem 1 in Wang & Mao (ICLR 2022). The sum is accumulated from
-    squared residuals about a shift near ``ḡ`` (per microbatch, merged with Chan et al.'s
-    pairwise update), so it is never negative and stays accurate in float32 when ``‖ḡ‖``
-    dominates the spread of the ``g_i``.
+    squared residuals about the batch gradient (computed first, one cheap pass), so it
+    stays accurate in float32 when ``‖ḡ‖`` dominates the spread of the ``g_i``.
 
     Args:
       loss_fn: per-example loss ``loss_fn(params, example) -> scalar``.
