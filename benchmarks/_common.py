@@ -1,0 +1,124 @@
+"""Timing and memory helpers shared by the benchmarks, and their two models."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``fn(*args)`` after ``warmup`` calls, each result blocked on."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_bytes(jitted: Any, *args: Any) -> int:
+    """XLA's compiled memory estimate: arguments + outputs + temporaries − aliased."""
+    stats = jitted.lower(*args).compile().memory_analysis()
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def machine() -> str:
+    device = jax.devices()[0]
+    return f"{platform.machine()} {device.platform} ({device.device_kind}), jax {jax.__version__}"
+
+
+def save(name: str, rows: list[dict[str, Any]]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    return path
+
+
+def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
+    return -jax.nn.log_softmax(logits)[label]
+
+
+def mlp(key: jax.Array, sizes=(784, 1024, 1024, 10)):
+    """The MLP 784-1024-1024-10 of the performance targets: (params, loss_fn, make_batch)."""
+    keys = jax.random.split(key, len(sizes))
+    params = [
+        {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=False)
+    ]
+
+    def loss_fn(params, example):
+        x = example["x"]
+        for layer in params[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        return cross_entropy(x @ params[-1]["w"] + params[-1]["b"], example["y"])
+
+    def make_batch(key, size):
+        kx, ky = jax.random.split(key)
+        return {
+            "x": jax.random.normal(kx, (size, sizes[0])),
+            "y": jax.random.randint(ky, (size,), 0, sizes[-1]),
+        }
+
+    return params, loss_fn, make_batch
+
+
+def cnn(key: jax.Array):
+    """A small CIFAR-shaped CNN: conv3x3(16)-pool-conv3x3(32)-pool-dense(10)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {
+        "conv1": jax.random.normal(k1, (3, 3, 3, 16)) / jnp.sqrt(27.0),
+        "b1": jnp.zeros(16),
+        "conv2": jax.random.normal(k2, (3, 3, 16, 32)) / jnp.sqrt(144.0),
+        "b2": jnp.zeros(32),
+        "dense": jax.random.normal(k3, (8 * 8 * 32, 10)) / jnp.sqrt(2048.0),
+        "b3": jnp.zeros(10),
+    }
+
+    def conv(x, w, b):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.nn.relu(y + b)
+
+    def pool(x):
+        n, h, w, c = x.shape
+        return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+    def loss_fn(params, example):
+        x = example["x"][None]
+        x = pool(conv(x, params["conv1"], params["b1"]))
+        x = pool(conv(x, params["conv2"], params["b2"]))
+        return cross_entropy(x.reshape(-1) @ params["dense"] + params["b3"], example["y"])
+
+    def make_batch(key, size):
+        kx, ky = jax.random.split(key)
+        return {
+            "x": jax.random.normal(kx, (size, 32, 32, 3)),
+            "y": jax.random.randint(ky, (size,), 0, 10),
+        }
+
+    return params, loss_fn, make_batch
+
+
+def mean_loss(loss_fn):
+    def batch_loss(params, batch):
+        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
+
+    return batch_loss

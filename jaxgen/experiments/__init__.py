@@ -1,0 +1,1 @@
+"""What the command line runs: data, models, training with online bound tracking."""
