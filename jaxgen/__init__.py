@@ -6,19 +6,30 @@ Information-Theoretic Bounds and Implications* (ICLR 2022).
 """
 
 from jaxgen import bounds
+from jaxgen._amp import AMPState, amp
+from jaxgen._clipping import DynamicClipState, dynamic_clip
 from jaxgen._flatness import MonteCarloEstimate, flatness_term, gradient_sensitivity
+from jaxgen._gmp import GMPState, gmp
+from jaxgen._grad_fn import batch_grad_fn
 from jaxgen._hessian import TraceEstimate, hessian_trace
 from jaxgen._per_example import DispersionStats, gradient_dispersion, per_example_grads
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AMPState",
     "DispersionStats",
+    "DynamicClipState",
+    "GMPState",
     "MonteCarloEstimate",
     "TraceEstimate",
+    "amp",
+    "batch_grad_fn",
     "bounds",
+    "dynamic_clip",
     "flatness_term",
     "gradient_dispersion",
+    "gmp",
     "gradient_sensitivity",
     "hessian_trace",
     "per_example_grads",

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxgen import _checks
 from jaxgen._per_example import LossFn, PyTree, _sq_norms
+from jaxgen._random import gaussian_like
 
 
 class MonteCarloEstimate(NamedTuple):
@@ -29,22 +30,6 @@ class MonteCarloEstimate(NamedTuple):
     value: jax.Array
     stderr: jax.Array
     num_samples: int
-
-
-def _sampling_dtype(dtype) -> jnp.dtype:
-    """Draw low-precision leaves in float32 and round, so their tails stay Gaussian."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def gaussian_like(key: jax.Array, params: PyTree, sigma: Any) -> PyTree:
-    """``Δ ~ N(0, σ² I)`` shaped like ``params``, one independent key per leaf."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    noise = [
-        (sigma * jax.random.normal(k, leaf.shape, _sampling_dtype(leaf.dtype))).astype(leaf.dtype)
-        for k, leaf in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, noise)
 
 
 def _add(a: PyTree, b: PyTree) -> PyTree:
