@@ -73,8 +73,9 @@ def gmp(
         memory for ``k`` gradients); ``"sequential"`` evaluates them one at a time in a
         ``lax.scan`` (memory for one). Both draw the same ``Δ_j`` for the same key.
       perturbation_sharding: with ``mode="vmap"``, a sharding of the ``k``
-        perturbations' leading axis (e.g. ``NamedSharding(mesh, P("perturb"))``) so that
-        XLA spreads the perturbed passes over a mesh axis.
+        perturbations' leading axis (e.g. ``NamedSharding(mesh, P("perturb"))`` on a mesh
+        whose axis type is ``AxisType.Auto``) so that XLA spreads the perturbed passes
+        over that mesh axis.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
