@@ -4,8 +4,9 @@
 
 For each model and batch size: the median time of a jitted plain batch gradient
 (``grad`` of the mean loss), of the bare per-example gradients ``vmap(grad)`` (no
-statistics), of ``gradient_dispersion(method="vmap")`` and of the microbatched variant, their ratios to the plain gradient, and XLA's compiled memory
-estimate of each. Prints a table and writes ``benchmarks/results/dispersion.json``.
+statistics), of ``gradient_dispersion(method="vmap")`` and of the microbatched
+variant, their ratios to the plain gradient, and XLA's compiled memory estimate of
+each. Prints a table and writes ``benchmarks/results/dispersion.json``.
 """
 
 from __future__ import annotations

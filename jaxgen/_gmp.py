@@ -132,7 +132,7 @@ def gmp(
                 return jax.tree_util.tree_map(jnp.add, total, perturbed_grad(sample_key)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
-            total, _ = jax.lax.scan(accumulate, zeros, sample_keys)
+            total, _ = jax.lax.scan(accumulate, zeros, sample_keys, unroll=True)
             perturbed_mean = jax.tree_util.tree_map(lambda t: t / num_samples, total)
         new_updates = jax.tree_util.tree_map(
             lambda g, p: (1.0 - rho) * g + rho * p.astype(g.dtype), updates, perturbed_mean
