@@ -211,9 +211,13 @@ def gradient_dispersion(
     _checks.choice("method", method, _METHODS)
     _checks.batch_size("batch", batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
-    if method == "ghost":
-        raise NotImplementedError(
-            "method='ghost' (per-example norms without materialising per-example gradients) "
-            "is not implemented yet; use method='vmap' or 'auto'"
-        )
-    return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
+    if method == "vmap":
+        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
+    return _dispersion_ghost(loss_fn, params, batch, warn=method == "ghost")
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "warn"))
+def _dispersion_ghost(loss_fn, params, batch, warn):
+    from jaxgen._ghost import ghost_dispersion
+
+    return ghost_dispersion(loss_fn, params, batch, warn=warn)
