@@ -34,12 +34,19 @@ from typing import Any
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgen._per_example import DispersionStats, LossFn, PyTree
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint")
-_VIEWS = ("convert_element_type", "reshape", "transpose", "squeeze", "expand_dims", "copy", "copy_p")
+_VIEWS = (
+    "convert_element_type",
+    "reshape",
+    "transpose",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "copy_p",
+)
 _CHEAP_RULES = ("add", "add_any", "sub", "mul", "conv_general_dilated")
 PARAM, EXAMPLE, CONST = "param", "example", "const"
 
@@ -147,7 +154,9 @@ class _Interpreter:
         self.uses.append(use)
         self.captured.append([entries[i][0] for i in examples])
         if self.probes is not None:
-            outs = [o if p is None else o + p for o, p in zip(outs, self.probes[use_id], strict=True)]
+            outs = [
+                o if p is None else o + p for o, p in zip(outs, self.probes[use_id], strict=True)
+            ]
         return [(o, EXAMPLE, frozenset(), None) for o in outs]
 
 
@@ -219,9 +228,7 @@ def _plan(jaxpr, consts, leaves, example_leaves, num_leaves) -> _Plan:
             plan.fast[leaf] = ids[0]
             continue
         plan.materialised.append(leaf)
-        if len(ids) > 1 or leaf in plan.derived or any(
-            plan.uses[u].rule == "generic" for u in ids
-        ):
+        if len(ids) > 1 or leaf in plan.derived or any(plan.uses[u].rule == "generic" for u in ids):
             plan.unsupported.add(leaf)
     return plan
 
@@ -242,8 +249,13 @@ def _dense_sq_norm(eqn, x_position: int, x: jax.Array, delta: jax.Array) -> jax.
     else:
         delta_order = list(range(num_w_free, delta.ndim)) + list(range(num_w_free))
     dm = jnp.transpose(delta, delta_order).reshape(rows, -1)
+    return _product_sq_norm(xm, dm)
+
+
+def _product_sq_norm(xm: jax.Array, dm: jax.Array) -> jax.Array:
+    """``‖xmᵀ dm‖²`` for ``xm (T, K)``, ``dm (T, N)``, by the cheapest exact form."""
     xm, dm = xm.astype(jnp.float32), dm.astype(jnp.float32)
-    k, n = xm.shape[1], dm.shape[1]
+    rows, k, n = xm.shape[0], xm.shape[1], dm.shape[1]
     if rows == 1:
         return jnp.sum(jnp.square(xm)) * jnp.sum(jnp.square(dm))
     if rows * (k + n) <= k * n:
@@ -364,9 +376,7 @@ def ghost_dispersion(
 
     zero = jnp.zeros((), jnp.float32)
     layer = [leaf_m2.get(i, zero) / size for i in range(num_leaves)]
-    sq_norms = functools.reduce(
-        jnp.add, leaf_sq_norms.values(), jnp.zeros((size,), jnp.float32)
-    )
+    sq_norms = functools.reduce(jnp.add, leaf_sq_norms.values(), jnp.zeros((size,), jnp.float32))
     return DispersionStats(
         loss=jnp.mean(losses),
         grad=jax.tree_util.tree_unflatten(treedef, mean_grad),

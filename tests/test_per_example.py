@@ -92,6 +92,7 @@ def test_dispersion_is_sound_in_float32_when_the_mean_dominates(microbatch_size)
         _dominant_mean_loss,
         jnp.zeros(50),
         jnp.asarray(noise, jnp.float32),
+        method="vmap",
         microbatch_size=microbatch_size,
     )
     # The exact dispersion of the float32 gradients JAX forms (≈ 5e-3, ‖ḡ‖² = 5e9).
@@ -123,14 +124,12 @@ def test_dispersion_inside_jit_compiles_once(mlp):
     )
 
 
-def test_auto_is_vmap_until_ghost_lands(mlp):
+def test_auto_is_ghost(mlp):
     params, batch = mlp
     chex.assert_trees_all_close(
         jaxgen.gradient_dispersion(mlp_loss, params, batch, method="auto"),
-        jaxgen.gradient_dispersion(mlp_loss, params, batch, method="vmap"),
+        jaxgen.gradient_dispersion(mlp_loss, params, batch, method="ghost"),
     )
-    with pytest.raises(NotImplementedError, match="ghost"):
-        jaxgen.gradient_dispersion(mlp_loss, params, batch, method="ghost")
 
 
 @pytest.mark.parametrize(

@@ -30,22 +30,44 @@ def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
     return -jax.nn.log_softmax(logits)[label]
 
 
+def refuse_training_batchnorm(model: nnx.Module) -> None:
+    """Raise if ``model`` holds a BatchNorm in training mode.
+
+    A per-example loss evaluates one example at a time, so batch statistics would be
+    those of a single example and every per-example gradient statistic would be wrong.
+    Use eval mode (``model.eval()`` or ``use_running_average=True``).
+    """
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.BatchNorm) and not node.use_running_average:
+            where = "/".join(map(str, path)) or "the model"
+            raise ValueError(
+                f"BatchNorm at {where} is in training mode (use_running_average=False): "
+                "per-example gradient statistics need eval-mode statistics; call "
+                "model.eval() or construct it with use_running_average=True"
+            )
+
+
 def classifier_loss(model: nnx.Module) -> tuple[Callable[[Any, Any], jax.Array], Any, Any]:
     """Split ``model`` once into ``(loss_fn, params, graphdef)``.
 
     ``loss_fn(params, example)`` is the per-example cross-entropy of
     ``example = {"x": features, "y": label}``; it merges the model inside, so it is a
-    pure function of ``params`` as every jaxgen estimator requires.
+    pure function of ``params`` as every jaxgen estimator requires. Non-parameter state
+    (BatchNorm running statistics) is held fixed; ``graphdef`` is returned with that
+    state so ``accuracy`` can merge the model back.
     """
-    graphdef, params = nnx.split(model, nnx.Param)
+    refuse_training_batchnorm(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, example):
-        logits = nnx.merge(graphdef, params)(example["x"])
+        logits = nnx.merge(graphdef, params, rest)(example["x"])
         return cross_entropy(logits, example["y"])
 
-    return loss_fn, params, graphdef
+    return loss_fn, params, (graphdef, rest)
 
 
 def accuracy(graphdef: Any, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-    logits = nnx.merge(graphdef, params)(x)
+    """Top-1 accuracy; ``graphdef`` as returned by ``classifier_loss``."""
+    definition, rest = graphdef
+    logits = nnx.merge(definition, params, rest)(x)
     return jnp.mean(jnp.argmax(logits, axis=-1) == y)

@@ -1,0 +1,163 @@
+"""Ghost norms against the vmap oracle on the four architectures of the issue."""
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import cnn_loss, mlp_loss
+from flax import nnx
+
+import jaxgen
+from jaxgen.experiments import models
+
+
+def _assert_matches_vmap(loss_fn, params, batch, method="ghost"):
+    oracle = jaxgen.gradient_dispersion(loss_fn, params, batch, method="vmap")
+    ghost = jaxgen.gradient_dispersion(loss_fn, params, batch, method=method)
+    chex.assert_trees_all_close(ghost, oracle, rtol=2e-4, atol=1e-6)
+    return ghost
+
+
+def _no_warning(call):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return call()
+
+
+def test_mlp(mlp):
+    _no_warning(lambda: _assert_matches_vmap(mlp_loss, *mlp))
+
+
+def test_cnn_with_pooling(cnn):
+    _no_warning(lambda: _assert_matches_vmap(cnn_loss, *cnn))
+
+
+class Block(nnx.Module):
+    """Embedding, one attention layer, LayerNorms and an MLP; mean-pooled classifier."""
+
+    def __init__(self, vocab=11, width=8, classes=3, *, tied=False, rngs):
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=2, in_features=width, qkv_features=width, decode=False, rngs=rngs
+        )
+        self.norm1 = nnx.LayerNorm(width, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, rngs=rngs)
+        self.up = nnx.Linear(width, 2 * width, rngs=rngs)
+        self.down = nnx.Linear(2 * width, width, rngs=rngs)
+        self.tied = tied
+        self.head = nnx.Linear(width, classes, rngs=rngs)
+
+    def __call__(self, tokens):
+        h = self.embed(tokens)
+        h = h + self.attention(self.norm1(h))
+        h = h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
+        if self.tied:  # logits over the vocabulary through the embedding matrix
+            return jnp.mean(self.embed.attend(h), axis=0)
+        return self.head(jnp.mean(h, axis=0))
+
+
+def _block_batch(key, size=6, length=5, classes=3):
+    k1, k2 = jax.random.split(key)
+    return {
+        "x": jax.random.randint(k1, (size, length), 0, 11),
+        "y": jax.random.randint(k2, (size,), 0, classes),
+    }
+
+
+def test_transformer_block():
+    model = Block(rngs=nnx.Rngs(0))
+    loss_fn, params, _ = models.classifier_loss(model)
+    _no_warning(lambda: _assert_matches_vmap(loss_fn, params, _block_batch(jax.random.key(1))))
+
+
+def test_tied_weights_fall_back_for_that_parameter_alone():
+    model = Block(tied=True, rngs=nnx.Rngs(0))
+    loss_fn, params, _ = models.classifier_loss(model)
+    batch = _block_batch(jax.random.key(2), classes=11)
+    with pytest.warns(UserWarning, match=r"embed.*embedding"):
+        _assert_matches_vmap(loss_fn, params, batch, method="ghost")
+    _no_warning(lambda: _assert_matches_vmap(loss_fn, params, batch, method="auto"))
+
+
+def test_unsupported_use_falls_back_and_warns_naming_the_parameter():
+    def loss_fn(params, z):
+        hidden = jnp.tanh(z["x"] @ params["w"])
+        return (jnp.exp(params["log_scale"]) * jnp.sum(hidden) - z["y"]) ** 2
+
+    params = {"w": jnp.ones((4, 3)) * 0.1, "log_scale": jnp.array(0.3)}
+    batch = {"x": jax.random.normal(jax.random.key(0), (5, 4)), "y": jnp.arange(5.0)}
+    with pytest.warns(UserWarning, match="'log_scale'"):
+        _assert_matches_vmap(loss_fn, params, batch, method="ghost")
+
+
+def test_parameter_on_either_side_of_a_matmul_and_a_hand_written_two_layer_relu():
+    signs = jnp.array([1.0, -1.0, 1.0, -1.0])
+
+    def loss_fn(w, z):  # W (m, d) @ x (d,): the parameter is the left operand
+        return 0.5 * (z["y"] - signs @ jax.nn.relu(w @ z["x"]) / 2.0) ** 2
+
+    batch = {"x": jax.random.normal(jax.random.key(3), (7, 5)), "y": jnp.ones(7)}
+    w = jax.random.normal(jax.random.key(4), (4, 5))
+    _no_warning(lambda: _assert_matches_vmap(loss_fn, w, batch))
+
+
+def test_ghost_holds_no_batch_by_parameters_buffer():
+    sizes = (64, 256, 256, 10)
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = [
+        {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+    def loss_fn(params, z):
+        x = z["x"]
+        for layer in params[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        return -jax.nn.log_softmax(x @ params[-1]["w"] + params[-1]["b"])[z["y"]]
+
+    batch = {"x": jnp.ones((64, 64)), "y": jnp.zeros(64, jnp.int32)}
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    per_example_bytes = 64 * num_params * 4
+
+    def temp_bytes(method):
+        fn = jax.jit(lambda p, b: jaxgen.gradient_dispersion(loss_fn, p, b, method=method))
+        return fn.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("vmap") >= per_example_bytes  # the oracle does hold one
+    assert temp_bytes("ghost") < 0.1 * per_example_bytes
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    class WithNorm(nnx.Module):
+        def __init__(self, rngs, training):
+            self.linear = nnx.Linear(4, 3, rngs=rngs)
+            self.norm = nnx.BatchNorm(3, use_running_average=not training, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(self.linear(x))
+
+    with pytest.raises(ValueError, match="BatchNorm at norm is in training mode"):
+        models.classifier_loss(WithNorm(nnx.Rngs(0), training=True))
+    loss_fn, params, _ = models.classifier_loss(WithNorm(nnx.Rngs(0), training=False))
+    batch = {"x": jax.random.normal(jax.random.key(0), (5, 4)), "y": jnp.arange(5) % 3}
+    # Eval-mode BatchNorm folds its scale with the running variance before use, so the
+    # scale falls back to exact per-example gradients (silently under "auto").
+    _no_warning(lambda: _assert_matches_vmap(loss_fn, params, batch, method="auto"))
+
+
+def test_loss_must_depend_on_the_example():
+    with pytest.raises(ValueError, match="must depend on both params and example"):
+        jaxgen.gradient_dispersion(lambda w, z: jnp.sum(w**2), jnp.ones(3), jnp.ones((4, 2)))
+
+
+def test_ghost_norms_match_per_example_gradients_layer_by_layer(mlp):
+    params, batch = mlp
+    stats = jaxgen.gradient_dispersion(mlp_loss, params, batch, method="ghost")
+    grads = jaxgen.per_example_grads(mlp_loss, params, batch)
+    expected = sum(
+        np.sum(np.asarray(g).reshape(10, -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(grads)
+    )
+    np.testing.assert_allclose(stats.sq_norms, expected, rtol=1e-5)
