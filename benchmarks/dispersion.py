@@ -2,76 +2,161 @@
 
     python benchmarks/dispersion.py [--quick]
 
-For each model and batch size: the median time of a jitted plain batch gradient
-(``grad`` of the mean loss), of the bare per-example gradients ``vmap(grad)`` (no
-statistics), of ``gradient_dispersion(method="vmap")`` and of the microbatched
-variant, their ratios to the plain gradient, and XLA's compiled memory estimate of
-each. Prints a table and writes ``benchmarks/results/dispersion.json``.
+For each model and batch size, the median time (after warm-up, results blocked on) of:
+a jitted plain batch gradient (``grad`` of the mean loss, the baseline);
+``gradient_dispersion`` with ``method="ghost"``, ``"vmap"`` and ``"vmap"`` in
+microbatches of 32; the bare per-example gradients ``vmap(grad)``; and, where PyTorch
+and BackPACK are installed (``pip install -e .[peers]``), PyTorch's plain backward,
+BackPACK's ``Variance`` + ``BatchL2Grad`` extensions and ``torch.func`` per-example
+gradients on the same architecture and batch. Ratios are to the baseline of the same
+framework; memory is XLA's compiled estimate (arguments + outputs + temporaries).
+Prints a table and writes ``benchmarks/results/dispersion.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
+import warnings
 
 import jax
-from _common import cnn, machine, mean_loss, median_seconds, mlp, peak_bytes, save
+from _common import cnn, machine, mean_loss, median_seconds, mlp, peak_bytes, save, transformer
 
 import jaxgen
 
 MICROBATCH = 32
+MODELS = {"MLP 784-1024-1024-10": mlp, "CNN 32x32x3": cnn, "Transformer block T=32": transformer}
 
 
-def _variants(loss_fn):
-    plain = jax.jit(jax.grad(mean_loss(loss_fn)))
-    vmap = jax.jit(functools.partial(jaxgen.gradient_dispersion, loss_fn, method="vmap"))
-    micro = jax.jit(
-        functools.partial(
-            jaxgen.gradient_dispersion, loss_fn, method="vmap", microbatch_size=MICROBATCH
+def _jax_variants(loss_fn, with_vmap: bool):
+    variants = {"plain grad": jax.jit(jax.grad(mean_loss(loss_fn)))}
+    dispersion = functools.partial(jaxgen.gradient_dispersion, loss_fn)
+    variants["ghost"] = jax.jit(functools.partial(dispersion, method="ghost"))
+    if with_vmap:
+        variants["vmap(grad) alone"] = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))
+        variants["vmap"] = jax.jit(functools.partial(dispersion, method="vmap"))
+        variants[f"vmap, microbatch {MICROBATCH}"] = jax.jit(
+            functools.partial(dispersion, method="vmap", microbatch_size=MICROBATCH)
         )
-    )
-    oracle = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))
-    return {
-        "plain grad": plain,
-        "vmap(grad) alone": oracle,
-        "vmap": vmap,
-        f"vmap, microbatch {MICROBATCH}": micro,
-    }
+    return variants
+
+
+def _torch_model(name):
+    import torch
+
+    if name.startswith("MLP"):
+        model = torch.nn.Sequential(
+            torch.nn.Linear(784, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 1024),
+            torch.nn.ReLU(),
+            torch.nn.Linear(1024, 10),
+        )
+        return model, (784,)
+    if name.startswith("CNN"):
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AvgPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AvgPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8 * 8 * 32, 10),
+        )
+        return model, (3, 32, 32)
+    return None, None
+
+
+def _torch_rows(name, size, repeats):
+    """PyTorch peers: (label, seconds) rows, the plain backward first; [] when unavailable."""
+    try:
+        import torch
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad, Variance
+    except ImportError:
+        print("  (PyTorch/BackPACK not installed: pip install -e .[peers] to time the peers)")
+        return []
+    model, shape = _torch_model(name)
+    if model is None:
+        print(f"  (no PyTorch peer for {name}: BackPACK does not cover attention)")
+        return []
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    x, y = torch.randn(size, *shape), torch.randint(0, 10, (size,))
+    plain_model = copy.deepcopy(model)  # BackPACK's hooks do not compose with torch.func
+    model, loss_fn = extend(model), extend(torch.nn.CrossEntropyLoss())
+
+    def plain():
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+
+    def with_backpack():
+        model.zero_grad()
+        with backpack(Variance(), BatchL2Grad()):
+            loss_fn(model(x), y).backward()
+        # BackPACK's variance is per coordinate; summed it is (1/b)Σ‖g_i − ḡ‖².
+        return sum(p.variance.sum() for p in model.parameters())
+
+    params = {k: v.detach() for k, v in plain_model.named_parameters()}
+
+    def one_loss(p, xi, yi):
+        out = torch.func.functional_call(plain_model, p, (xi.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    per_example = torch.func.vmap(torch.func.grad(one_loss), in_dims=(None, 0, 0))
+
+    def with_func():
+        grads = per_example(params, x, y)
+        return sum(((g - g.mean(0)) ** 2).sum() for g in grads.values()) / size
+
+    rows = [("PyTorch plain backward", plain), ("BackPACK Variance+BatchL2Grad", with_backpack)]
+    rows.append(("torch.func vmap(grad)", with_func))
+    return [(label, median_seconds(fn, repeats=repeats)) for label, fn in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 64 only, fewer repeats")
+    parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and BackPACK")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 7
+    repeats = 3 if args.quick else 9
     sizes = (64,) if args.quick else (64, 256)
     rows = []
     print(f"machine: {machine()}")
-    header = f"{'model':<22}{'batch':>6}  {'method':<22}{'ms':>10}{'× grad':>9}{'memory MB':>11}"
+    header = f"{'model':<24}{'batch':>6}  {'method':<32}{'ms':>10}{'× grad':>9}{'memory MB':>11}"
     print(header)
     print("-" * len(header))
-    for name, build in (("MLP 784-1024-1024-10", mlp), ("CNN 32x32x3", cnn)):
+    for name, build in MODELS.items():
         params, loss_fn, make_batch = build(jax.random.key(0))
         for size in sizes:
             batch = make_batch(jax.random.key(1), size)
-            baseline = None
-            for method, fn in _variants(loss_fn).items():
-                seconds = median_seconds(fn, params, batch, repeats=repeats)
-                baseline = baseline or seconds
-                memory = peak_bytes(fn, params, batch)
+            results = []
+            # The B×P oracles take seconds per call on the big MLP: fewer repeats there.
+            for method, fn in _jax_variants(loss_fn, with_vmap=True).items():
+                slow = method.startswith("vmap") and name.startswith("MLP")
+                seconds = median_seconds(fn, params, batch, repeats=3 if slow else repeats)
+                results.append((method, seconds, peak_bytes(fn, params, batch)))
+            baseline = results[0][1]
+            peers = [] if args.no_peers else _torch_rows(name, size, repeats)
+            for label, seconds, memory in results + [(lbl, s, None) for lbl, s in peers]:
+                base = peers[0][1] if memory is None else baseline
                 rows.append(
                     {
                         "model": name,
                         "batch": size,
-                        "method": method,
+                        "method": label,
                         "ms": seconds * 1e3,
-                        "ratio": seconds / baseline,
+                        "ratio": seconds / base,
                         "memory_bytes": memory,
                     }
                 )
+                memory_text = "" if memory is None else f"{memory / 2**20:>11.1f}"
                 print(
-                    f"{name:<22}{size:>6}  {method:<22}{seconds * 1e3:>10.2f}"
-                    f"{seconds / baseline:>9.2f}{memory / 2**20:>11.1f}"
+                    f"{name:<24}{size:>6}  {label:<32}{seconds * 1e3:>10.2f}"
+                    f"{seconds / base:>9.2f}{memory_text}"
                 )
     print(f"wrote {save('dispersion', rows)}")
 
