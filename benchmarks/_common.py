@@ -35,6 +35,38 @@ def median_seconds(
     return statistics.median(times)
 
 
+def interleaved_medians(
+    calls: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]],
+    *,
+    repeats: int = 5,
+    block_time: float = 0.1,
+) -> dict[str, float]:
+    """Median wall time of each ``fn(*args)``, measured in interleaved blocks.
+
+    Each of ``repeats`` rounds visits every function once: one untimed call (so caches
+    hold its own data, not the previous function's), then a block of timed calls lasting
+    about ``block_time`` seconds. A function's time is the median over its blocks'
+    medians, so slow load changes on a shared machine fall on all functions alike.
+    """
+    per_call = {}
+    for name, (fn, args) in calls.items():
+        jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        per_call[name] = time.perf_counter() - start
+    blocks: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            jax.block_until_ready(fn(*args))
+            times = []
+            for _ in range(max(1, min(100, int(block_time / max(per_call[name], 1e-6))))):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                times.append(time.perf_counter() - start)
+            blocks[name].append(statistics.median(times))
+    return {name: statistics.median(values) for name, values in blocks.items()}
+
+
 def peak_bytes(jitted: Any, *args: Any) -> int:
     """XLA's compiled memory estimate: arguments + outputs + temporaries − aliased."""
     stats = jitted.lower(*args).compile().memory_analysis()

@@ -2,7 +2,8 @@
 
     python benchmarks/dispersion.py [--quick]
 
-For each model and batch size, the median time (after warm-up, results blocked on) of:
+For each model and batch size, the median time (after warm-up, results blocked on, all
+variants timed round-robin so that outside load falls on all alike) of:
 a jitted plain batch gradient (``grad`` of the mean loss, the baseline);
 ``gradient_dispersion`` with ``method="ghost"``, ``"vmap"`` and ``"vmap"`` in
 microbatches of 32; the bare per-example gradients ``vmap(grad)``; and, where PyTorch
@@ -21,7 +22,16 @@ import functools
 import warnings
 
 import jax
-from _common import cnn, machine, mean_loss, median_seconds, mlp, peak_bytes, save, transformer
+from _common import (
+    cnn,
+    interleaved_medians,
+    machine,
+    mean_loss,
+    mlp,
+    peak_bytes,
+    save,
+    transformer,
+)
 
 import jaxgen
 
@@ -114,7 +124,8 @@ def _torch_rows(name, size, repeats):
 
     rows = [("PyTorch plain backward", plain), ("BackPACK Variance+BatchL2Grad", with_backpack)]
     rows.append(("torch.func vmap(grad)", with_func))
-    return [(label, median_seconds(fn, repeats=repeats)) for label, fn in rows]
+    medians = interleaved_medians({label: (fn, ()) for label, fn in rows}, repeats=repeats)
+    return list(medians.items())
 
 
 def main() -> None:
@@ -122,7 +133,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 64 only, fewer repeats")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and BackPACK")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 9
+    repeats = 3 if args.quick else 5
     sizes = (64,) if args.quick else (64, 256)
     rows = []
     print(f"machine: {machine()}")
@@ -133,12 +144,15 @@ def main() -> None:
         params, loss_fn, make_batch = build(jax.random.key(0))
         for size in sizes:
             batch = make_batch(jax.random.key(1), size)
-            results = []
-            # The B×P oracles take seconds per call on the big MLP: fewer repeats there.
-            for method, fn in _jax_variants(loss_fn, with_vmap=True).items():
-                slow = method.startswith("vmap") and name.startswith("MLP")
-                seconds = median_seconds(fn, params, batch, repeats=3 if slow else repeats)
-                results.append((method, seconds, peak_bytes(fn, params, batch)))
+            variants = _jax_variants(loss_fn, with_vmap=True)
+            medians = interleaved_medians(
+                {method: (fn, (params, batch)) for method, fn in variants.items()},
+                repeats=repeats,
+            )
+            results = [
+                (method, medians[method], peak_bytes(fn, params, batch))
+                for method, fn in variants.items()
+            ]
             baseline = results[0][1]
             peers = [] if args.no_peers else _torch_rows(name, size, repeats)
             for label, seconds, memory in results + [(lbl, s, None) for lbl, s in peers]:

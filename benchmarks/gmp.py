@@ -17,7 +17,7 @@ import argparse
 
 import jax
 import optax
-from _common import cnn, machine, mean_loss, median_seconds, mlp, save
+from _common import cnn, interleaved_medians, machine, mean_loss, mlp, save
 
 import jaxgen
 from jaxgen._random import gaussian_like
@@ -37,13 +37,16 @@ def _step(loss_fn, batch, transform):
     return step, optimizer.init
 
 
-def _floor_parts(loss_fn, params, batch, k):
-    """One gradient pass and the drawing of k·P normals, as jitted functions with arguments."""
+def _floor_parts(loss_fn, params, batch):
+    """One plain gradient pass, and drawing k·P normals for k = 3 and 10, jitted."""
     grad = jax.jit(jax.grad(mean_loss(loss_fn)))
-    draws = jax.jit(
-        lambda key: [gaussian_like(kk, params, SIGMA) for kk in jax.random.split(key, k)]
-    )
-    return (grad, params, batch), (draws, jax.random.key(0))
+    draws = {
+        k: jax.jit(
+            lambda key, k=k: [gaussian_like(kk, params, SIGMA) for kk in jax.random.split(key, k)]
+        )
+        for k in (3, 10)
+    }
+    return (grad, (params, batch)), draws
 
 
 def _torch_rows(name, size, repeats):
@@ -102,20 +105,15 @@ def _torch_rows(name, size, repeats):
                     p.sub_(n)
         optimizer.step()
 
-    def timed(fn):
-        return median_seconds(lambda: fn(), repeats=repeats)
-
-    return [
-        ("PyTorch ERM step", timed(erm)),
-        ("PyTorch GMP k=3 (authors' way)", timed(authors_gmp)),
-    ]
+    calls = {"PyTorch ERM step": (erm, ()), "PyTorch GMP k=3 (authors' way)": (authors_gmp, ())}
+    return list(interleaved_medians(calls, repeats=repeats).items())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="MLP only, fewer repeats")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 9
+    repeats = 3 if args.quick else 5
     models = (("MLP 784-1024-1024-10", mlp, 128), ("CNN 32x32x3", cnn, 128))
     rows = []
     print(f"machine: {machine()}")
@@ -130,24 +128,25 @@ def main() -> None:
         for k in (3, 10):
             for mode in ("vmap", "sequential"):
                 variants[f"GMP k={k} {mode}"] = jaxgen.gmp(k, SIGMA, RHO, mode=mode)
-        floors = {}
-        for k in (3, 10):
-            (grad, p, b), (draws, key) = _floor_parts(loss_fn, params, batch, k)
-            floors[k] = (
-                (k + 1) * median_seconds(grad, p, b, repeats=repeats),
-                median_seconds(draws, key, repeats=repeats),
-            )
-        erm = None
-        results = []
+        calls = {}
         for label, transform in variants.items():
             step, init = _step(loss_fn, batch, transform)
-            seconds = median_seconds(step, params, init(params), repeats=repeats)
-            erm = erm or seconds
+            calls[label] = (step, (params, init(params)))
+        (grad, grad_args), draws = _floor_parts(loss_fn, params, batch)
+        calls["one gradient"] = (grad, grad_args)
+        for k in (3, 10):
+            calls[f"{k}·P normals"] = (draws[k], (jax.random.key(0),))
+        medians = interleaved_medians(calls, repeats=repeats)
+        erm = medians["ERM"]
+        floors = {
+            k: ((k + 1) * medians["one gradient"], medians[f"{k}·P normals"]) for k in (3, 10)
+        }
+        results = []
+        for label in variants:
             floor = None
             if label.startswith("GMP"):
-                k = int(label.split("k=")[1].split()[0])
-                floor = sum(floors[k])
-            results.append((label, seconds, floor, erm))
+                floor = sum(floors[int(label.split("k=")[1].split()[0])])
+            results.append((label, medians[label], floor, erm))
         for k, (passes_s, draws_s) in floors.items():
             results.append((f"floor k={k}: {k + 1} × one gradient", passes_s, None, erm))
             results.append((f"floor k={k}: {k}·P normals", draws_s, None, erm))
