@@ -1,7 +1,12 @@
-"""Flax NNX models, and their conversion to the pure per-example losses jaxgen takes."""
+"""Flax NNX models of the paper, and their conversion to pure per-example losses.
+
+Every model accepts one example without a batch axis (what a per-example loss sees) as
+well as a batch. ``build`` makes a model by name; ``--width`` changes it for real.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,25 +14,227 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+MODELS = ("linear", "two-layer-relu", "mlp", "alexnet", "vgg16", "preactresnet18")
+REGRESSION_MODELS = ("linear", "two-layer-relu")
+
+
+def _unbatched(call):
+    """Let ``__call__`` take one example of ``ndim`` axes as well as a batch."""
+
+    def wrapper(self, x):
+        if x.ndim == self.example_ndim:
+            return call(self, x[None])[0]
+        return call(self, x)
+
+    return wrapper
+
+
+class Linear(nnx.Module):
+    """Theorem 2: ``f(W, X) = Wᵀ X`` with one output, no bias (inputs have ``‖X‖ = 1``)."""
+
+    example_ndim = 1
+
+    def __init__(self, in_features: int, *, rngs: nnx.Rngs):
+        self.w = nnx.Param(jnp.zeros((in_features,)))
+
+    def __call__(self, x):
+        return x @ self.w[...]
+
+
+class TwoLayerReLU(nnx.Module):
+    """Theorem 3: ``f = m^{-1/2} Σ_r A_r ReLU(W_rᵀ X)``, ``A_r = ±1`` fixed, ``W`` trained."""
+
+    example_ndim = 1
+
+    def __init__(self, in_features: int, width: int, *, rngs: nnx.Rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (width, in_features)))
+        signs = jax.random.rademacher(rngs.params(), (width,)).astype(jnp.float32)
+        self.signs = nnx.Variable(signs)  # not a Param: never trained
+
+    def __call__(self, x):
+        hidden = jax.nn.relu(x @ self.w[...].T)
+        return hidden @ self.signs[...] / math.sqrt(self.signs.shape[0])
+
+    def active_fraction(self, x):
+        """``Σ_r I{W_rᵀ x >= 0} / m`` for each example of ``x`` (one example or a batch)."""
+        return jnp.mean(x @ self.w[...].T >= 0, axis=-1)
+
 
 class MLP(nnx.Module):
-    """Fully connected ReLU network ``in → widths… → out``."""
+    """Fully connected ReLU network ``in → widths… → out`` on flattened inputs."""
 
-    def __init__(self, sizes: Sequence[int], *, rngs: nnx.Rngs):
+    def __init__(self, sizes: Sequence[int], *, rngs: nnx.Rngs, dropout: float = 0.0):
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"sizes must list at least two positive layer sizes, got {sizes!r}")
+        self.example_ndim = None
         self.layers = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
+        self.in_features = sizes[0]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x):
+        x = x.reshape(*x.shape[: x.ndim - _feature_axes(x, self.in_features)], -1)
         for layer in self.layers[:-1]:
             x = jax.nn.relu(layer(x))
         return self.layers[-1](x)
 
 
+def _feature_axes(x, in_features: int) -> int:
+    """How many trailing axes of ``x`` make up one example of ``in_features`` values."""
+    size = 1
+    for axes in range(1, x.ndim + 1):
+        size *= x.shape[-axes]
+        if size == in_features:
+            return axes
+    raise ValueError(f"input of shape {x.shape} does not end in {in_features} features")
+
+
+class AlexNet(nnx.Module):
+    """AlexNet-style CIFAR CNN (Zhang et al., 2017): conv5-pool-conv5-pool-fc-fc-fc.
+
+    ``width`` is the channel count of both convolutions (64 in the original); the fully
+    connected layers scale with it (384 and 192 at width 64).
+    """
+
+    example_ndim = 3
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, width: int = 64, *, rngs: nnx.Rngs
+    ):
+        height, side, in_channels = input_shape
+        hidden1, hidden2 = 6 * width, 3 * width
+        self.conv1 = nnx.Conv(in_channels, width, (5, 5), rngs=rngs)
+        self.conv2 = nnx.Conv(width, width, (5, 5), rngs=rngs)
+        pooled = math.ceil(math.ceil(height / 2) / 2) * math.ceil(math.ceil(side / 2) / 2)
+        self.fc1 = nnx.Linear(pooled * width, hidden1, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden1, hidden2, rngs=rngs)
+        self.fc3 = nnx.Linear(hidden2, num_classes, rngs=rngs)
+
+    @_unbatched
+    def __call__(self, x):
+        pool = lambda h: nnx.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")  # noqa: E731
+        x = pool(jax.nn.relu(self.conv1(x)))
+        x = pool(jax.nn.relu(self.conv2(x)))
+        x = x.reshape(x.shape[0], -1)
+        return self.fc3(jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(x)))))
+
+
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nnx.Module):
+    """VGG16 with BatchNorm for 32×32 inputs; ``width`` is the first block's channels (64)."""
+
+    example_ndim = 3
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, *, rngs: nnx.Rngs):
+        layers, channels = [], in_channels
+        for item in _VGG16:
+            if item == "M":
+                layers.append("M")
+                continue
+            out = item * width // 64
+            layers += [nnx.Conv(channels, out, (3, 3), rngs=rngs), nnx.BatchNorm(out, rngs=rngs)]
+            channels = out
+        self.layers = nnx.List([layer for layer in layers if layer != "M"])
+        self.plan = tuple(item == "M" for item in _VGG16)
+        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+
+    @_unbatched
+    def __call__(self, x):
+        layers = iter(self.layers)
+        for is_pool in self.plan:
+            if is_pool:
+                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+            else:
+                conv, norm = next(layers), next(layers)
+                x = jax.nn.relu(norm(conv(x)))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+class PreActBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.BatchNorm(cin, rngs=rngs)
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.norm2 = nnx.BatchNorm(cout, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        out = jax.nn.relu(self.norm1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(jax.nn.relu(self.norm2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nnx.Module):
+    """Pre-activation ResNet-18 (He et al., 2016) for 32×32 inputs; ``width`` = 64."""
+
+    example_ndim = 3
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, rngs=rngs)
+        blocks, cin = [], width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**stage
+            blocks += [
+                PreActBlock(cin, cout, stride, rngs=rngs),
+                PreActBlock(cout, cout, 1, rngs=rngs),
+            ]
+            cin = cout
+        self.blocks = nnx.List(blocks)
+        self.norm = nnx.BatchNorm(cin, rngs=rngs)
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    @_unbatched
+    def __call__(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        x = jax.nn.relu(self.norm(x))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def build(
+    name: str, input_shape: Sequence[int], num_classes: int, width: int, *, seed: int = 0
+) -> nnx.Module:
+    """A model by name. ``width``: hidden units (linear: ignored; two-layer ReLU: ``m``;
+    MLP: the hidden layer), or base channels (AlexNet, VGG16, PreActResNet18)."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    rngs = nnx.Rngs(seed)
+    features = math.prod(input_shape)
+    if name == "linear":
+        return Linear(features, rngs=rngs)
+    if name == "two-layer-relu":
+        return TwoLayerReLU(features, width, rngs=rngs)
+    if name == "mlp":
+        return MLP([features, width, num_classes], rngs=rngs)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"model {name} needs image inputs (H, W, C), got shape {tuple(input_shape)}"
+        )
+    channels = input_shape[-1]
+    if name == "alexnet":
+        return AlexNet(tuple(input_shape), num_classes, width, rngs=rngs)
+    if name == "vgg16":
+        return VGG16(channels, num_classes, width, rngs=rngs)
+    if name == "preactresnet18":
+        return PreActResNet18(channels, num_classes, width, rngs=rngs)
+    raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+
+
 def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
     return -jax.nn.log_softmax(logits)[label]
+
+
+def squared_loss(output: jax.Array, label: jax.Array) -> jax.Array:
+    """``½ (t − f)²`` with the ±1 target ``t = 1 − 2·(label mod 2)`` (Theorems 2 and 3)."""
+    target = 1.0 - 2.0 * jnp.mod(label, 2).astype(output.dtype)
+    return 0.5 * (target - output) ** 2
 
 
 def refuse_training_batchnorm(model: nnx.Module) -> None:
@@ -50,24 +257,38 @@ def refuse_training_batchnorm(model: nnx.Module) -> None:
 def classifier_loss(model: nnx.Module) -> tuple[Callable[[Any, Any], jax.Array], Any, Any]:
     """Split ``model`` once into ``(loss_fn, params, graphdef)``.
 
-    ``loss_fn(params, example)`` is the per-example cross-entropy of
-    ``example = {"x": features, "y": label}``; it merges the model inside, so it is a
+    ``loss_fn(params, example)`` is the per-example loss of
+    ``example = {"x": features, "y": label}``: cross-entropy, or ``squared_loss`` for
+    the regression models of Theorems 2 and 3. It merges the model inside, so it is a
     pure function of ``params`` as every jaxgen estimator requires. Non-parameter state
-    (BatchNorm running statistics) is held fixed; ``graphdef`` is returned with that
-    state so ``accuracy`` can merge the model back.
+    (BatchNorm running statistics, fixed output signs) is held fixed; ``graphdef`` is
+    returned with that state so ``predict`` can merge the model back.
     """
     refuse_training_batchnorm(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pointwise = squared_loss if isinstance(model, Linear | TwoLayerReLU) else cross_entropy
 
     def loss_fn(params, example):
-        logits = nnx.merge(graphdef, params, rest)(example["x"])
-        return cross_entropy(logits, example["y"])
+        output = nnx.merge(graphdef, params, rest)(example["x"])
+        return pointwise(output, example["y"])
 
     return loss_fn, params, (graphdef, rest)
 
 
+def predict(graphdef: Any, params: Any, x: jax.Array) -> jax.Array:
+    """Model outputs for a batch; ``graphdef`` as returned by ``classifier_loss``."""
+    definition, rest = graphdef
+    return nnx.merge(definition, params, rest)(x)
+
+
+def correct(graphdef: Any, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example correctness: argmax for classifiers, the sign of ``f`` for ±1 targets."""
+    output = predict(graphdef, params, x)
+    if output.ndim == 1:
+        return (output >= 0) == (jnp.mod(y, 2) == 0)
+    return jnp.argmax(output, axis=-1) == y
+
+
 def accuracy(graphdef: Any, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
     """Top-1 accuracy; ``graphdef`` as returned by ``classifier_loss``."""
-    definition, rest = graphdef
-    logits = nnx.merge(definition, params, rest)(x)
-    return jnp.mean(jnp.argmax(logits, axis=-1) == y)
+    return jnp.mean(correct(graphdef, params, x, y))

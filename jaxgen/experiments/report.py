@@ -1,23 +1,28 @@
-"""Result files: written atomically, so an interrupted run never leaves half a file."""
+"""Result files (written atomically: an interrupted run never leaves half a file) and
+the figures of the paper (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
-def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=True, allow_nan=True)
-            stream.write("\n")
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -25,3 +30,85 @@ def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """``payload`` as JSON (NaN written as ``NaN``), atomically."""
+    text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=True) + "\n"
+    return write_text_atomic(path, text)
+
+
+def write_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str | os.PathLike) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def dispersion_figure(epochs: Sequence[dict[str, float]], path, *, title: str = "") -> Path:
+    """Figure 2: gradient dispersion per epoch, with train and test accuracy."""
+    plt = _pyplot()
+    figure, left = plt.subplots(figsize=(6, 3.5))
+    numbers = [row["epoch"] for row in epochs]
+    left.plot(numbers, [row["dispersion"] for row in epochs], color="tab:red", label="dispersion")
+    left.set_xlabel("epoch")
+    left.set_ylabel("gradient dispersion (1/b) Σ‖g_i − ḡ‖²", color="tab:red")
+    right = left.twinx()
+    right.plot(
+        numbers, [row["train_accuracy"] for row in epochs], color="tab:blue", label="train acc."
+    )
+    right.plot(
+        numbers, [row["test_accuracy"] for row in epochs], color="tab:green", label="test acc."
+    )
+    if any(math.isfinite(row.get("train_accuracy_noisy", math.nan)) for row in epochs):
+        right.plot(
+            numbers,
+            [row["train_accuracy_noisy"] for row in epochs],
+            color="tab:blue",
+            linestyle=":",
+            label="train acc. (noisy labels)",
+        )
+    right.set_ylabel("accuracy")
+    right.set_ylim(0, 1.02)
+    right.legend(loc="center right", fontsize=8)
+    left.set_title(title)
+    return _save(figure, path)
+
+
+def sweep_figure(
+    values: Sequence[float],
+    results: Sequence[dict[str, Any]],
+    path,
+    *,
+    xlabel: str,
+    title: str = "",
+) -> Path:
+    """Figure 1: the Eq. 2 bound and the measured gap against a swept setting (log y)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(values, [r["eq2_bound"] for r in results], "o-", label="bound (Eq. 2)")
+    axis.plot(values, [max(r["gap"], 1e-6) for r in results], "s-", label="gap (test − train loss)")
+    axis.set_yscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_title(title)
+    axis.legend()
+    return _save(figure, path)

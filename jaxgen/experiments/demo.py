@@ -1,0 +1,259 @@
+"""``jaxgen demo``: Figures 1 and 2 of Wang & Mao (ICLR 2022) at small scale on MNIST-1D.
+
+A width sweep and a label-noise sweep (Figure 1: Eq. 2 bound against the measured gap)
+and the dispersion dynamics of a long noisy run (Figure 2), written as ``report.md`` with
+PNG figures, a table of every run and one sentence per claim of the paper, each computed
+from the numbers of this run rather than written in advance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxgen.experiments import report, train
+
+R = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    widths: tuple[int, ...]
+    noise_levels: tuple[float, ...]
+    sweep: train.TrainConfig  # the base of both sweeps
+    sweep_width: int  # the width of the noise sweep
+    width_noise: float  # the label noise of the width sweep
+    dynamics: train.TrainConfig  # the long noisy run of Figure 2
+
+
+def plan(quick: bool) -> DemoPlan:
+    if quick:
+        base = train.TrainConfig(
+            epochs=3,
+            batch_size=50,
+            lr=0.1,
+            num_train=500,
+            hessian_probes=4,
+            flatness_samples=4,
+            R=R,
+        )
+        return DemoPlan(
+            (8, 32),
+            (0.0, 0.4),
+            base,
+            32,
+            0.0,
+            dataclasses.replace(base, epochs=4, width=32, label_noise=0.2),
+        )
+    base = train.TrainConfig(
+        epochs=100,
+        batch_size=64,
+        lr=0.1,
+        hessian_probes=100,
+        flatness_samples=32,
+        R=R,
+        checkpoint_every=62 * 50,
+    )
+    dynamics = dataclasses.replace(base, epochs=300, width=512, label_noise=0.2)
+    return DemoPlan((32, 128, 512, 2048), (0.0, 0.2, 0.4, 0.6), base, 512, 0.0, dynamics)
+
+
+def run(out: Path, *, quick: bool = False, console=None) -> Path:
+    """Run the demo into ``out`` and return the path of ``report.md``."""
+    started = time.perf_counter()
+    settings = plan(quick)
+    say = console.print if console is not None else print
+
+    finished: dict[train.TrainConfig, dict[str, Any]] = {}
+
+    def one(config: train.TrainConfig, folder: str) -> dict[str, Any]:
+        if config in finished:  # the noise sweep's p = 0 run is a width-sweep run
+            return finished[config]
+        say(f"[{time.perf_counter() - started:5.0f} s] {folder}")
+        finished[config] = train.run(config, out / "runs" / folder, progress=False)
+        return finished[config]
+
+    width_runs = [
+        one(
+            dataclasses.replace(settings.sweep, width=w, label_noise=settings.width_noise),
+            f"width={w}",
+        )
+        for w in settings.widths
+    ]
+    noise_runs = [
+        one(
+            dataclasses.replace(settings.sweep, width=settings.sweep_width, label_noise=p),
+            f"noise={p}",
+        )
+        for p in settings.noise_levels
+    ]
+    dynamics = one(settings.dynamics, "dynamics")
+    epochs = _read_metrics(out / "runs" / "dynamics" / "metrics.csv")
+
+    report.sweep_figure(
+        settings.widths,
+        width_runs,
+        out / "figure1_width.png",
+        xlabel="hidden width",
+        title="MLP on MNIST-1D: width",
+    )
+    report.sweep_figure(
+        settings.noise_levels,
+        noise_runs,
+        out / "figure1_noise.png",
+        xlabel="label noise",
+        title="MLP on MNIST-1D: label noise",
+    )
+    report.dispersion_figure(
+        epochs,
+        out / "figure2.png",
+        title=f"MLP 40-{settings.dynamics.width}-10, label noise {settings.dynamics.label_noise}",
+    )
+    text = _report(
+        settings, width_runs, noise_runs, dynamics, epochs, time.perf_counter() - started
+    )
+    path = report.write_text_atomic(out / "report.md", text)
+    say(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+    return path
+
+
+def _read_metrics(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    with open(path) as stream:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(stream)]
+
+
+def _ranks(values) -> np.ndarray:
+    return np.argsort(np.argsort(np.asarray(values, np.float64))).astype(np.float64)
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (no ties expected in these measurements)."""
+    ra, rb = _ranks(a), _ranks(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def trend_sentence(setting: str, values, runs) -> str:
+    gaps = [r["gap"] for r in runs]
+    bound_values = [r["eq2_bound"] for r in runs]
+    steps = len(values) - 1
+    same = sum(
+        np.sign(gaps[i + 1] - gaps[i]) == np.sign(bound_values[i + 1] - bound_values[i])
+        for i in range(steps)
+    )
+    rho = spearman(gaps, bound_values)
+    verdict = (
+        "follows"
+        if same == steps
+        else ("mostly follows" if same > steps / 2 else "does not follow")
+    )
+    return (
+        f"Over {setting} {', '.join(map(str, values))}, the bound {verdict} the gap's trend: "
+        f"they move in the same direction in {same} of {steps} steps (Spearman ρ = {rho:.2f})."
+    )
+
+
+def double_descent(epochs: list[dict[str, float]]) -> tuple[bool, str]:
+    """Whether the dispersion falls, rises to a peak and falls again (smoothed over 5 epochs)."""
+    values = np.asarray([row["dispersion"] for row in epochs], np.float64)
+    if values.size < 8:
+        return (
+            False,
+            f"The run is too short ({values.size} epochs) to judge the dispersion's shape.",
+        )
+    smooth = np.convolve(values, np.ones(5) / 5, mode="valid")
+    for first in range(1, smooth.size - 2):
+        if smooth[first] > smooth[first - 1] or smooth[first] > smooth[first + 1]:
+            continue  # not a local minimum
+        peak = first + 1 + int(np.argmax(smooth[first + 1 :]))
+        if smooth[peak] < 1.1 * smooth[first] or peak == smooth.size - 1:
+            continue
+        end = float(smooth[-1])
+        if end < 0.9 * smooth[peak]:
+            return True, (
+                f"Yes: the gradient dispersion falls from {values[0]:.3g} to {smooth[first]:.3g} "
+                f"(epoch ≈ {first + 3}, 'generalization'), rises to {smooth[peak]:.3g} (epoch ≈ "
+                f"{peak + 3}, 'memorization', while train accuracy on the noisy labels climbs), "
+                f"and falls again to {end:.3g} by the last epoch: the epoch-wise double descent "
+                f"of Figure 2 appears."
+            )
+    return False, (
+        "No: the dispersion does not fall, rise to a peak and fall again in this run "
+        f"(first {values[0]:.3g}, last {values[-1]:.3g}); the double descent of Figure 2 does not "
+        "appear at this length and scale."
+    )
+
+
+def _table(setting: str, values, runs) -> list[str]:
+    lines = [
+        f"| {setting} | train acc. | test acc. | gap | Eq. 2 bound | Theorem 1 (σ*, MC flatness) "
+        "| Neu et al. (σ*) | Σλ²V_t | Tr H |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for value, r in zip(values, runs, strict=True):
+        lines.append(
+            f"| {value} | {r['train_accuracy']:.3f} | {r['test_accuracy']:.3f} | {r['gap']:.4f} | "
+            f"{r['eq2_bound']:.4f} | {r['theorem1_bound']:.4f} | {r['neu2021_bound']:.4f} | "
+            f"{r['sum_lr2_variance']:.3g} | "
+            f"{r['hessian_trace']:.3g} ± {r['hessian_trace_stderr']:.2g} |"
+        )
+    return lines
+
+
+def _report(settings: DemoPlan, width_runs, noise_runs, dynamics, epochs, seconds) -> str:
+    base = settings.sweep
+    runs = width_runs + noise_runs + [dynamics]
+    above = sum(r["eq2_bound"] >= r["gap"] for r in runs)
+    _, descent = double_descent(epochs)
+    lines = [
+        "# jaxgen demo: Wang & Mao (ICLR 2022) on MNIST-1D",
+        "",
+        f"MLP 40-width-10 trained with {base.optimizer_description}, learning rate {base.lr}, "
+        f"batch {base.batch_size}, {base.epochs} epochs per sweep run (the Figure 2 run: "
+        f"{settings.dynamics.epochs}); n = {width_runs[0]['n']} training examples, "
+        f"{'generated offline by mnist1d'}. The gap is test − train cross-entropy on the full "
+        f"splits (test labels are never noisy). Bounds use R = {R} (the authors' choice: "
+        "cross-entropy is unbounded, so R is an assumption, not a property of the loss), "
+        "V_t = dispersion / b measured at every step from the same gradient as the update, "
+        f"and Tr H by Hutchinson on n/10 training examples. Took {seconds:.0f} s.",
+        "",
+        "## Figure 1: bound and gap",
+        "",
+        f"Width sweep (label noise {settings.width_noise}):",
+        "",
+        "![width](figure1_width.png)",
+        "",
+        *_table("width", settings.widths, width_runs),
+        "",
+        f"Label-noise sweep (width {settings.sweep_width}):",
+        "",
+        "![noise](figure1_noise.png)",
+        "",
+        *_table("label noise", settings.noise_levels, noise_runs),
+        "",
+        "## Figure 2: gradient dispersion per epoch",
+        "",
+        "![dispersion](figure2.png)",
+        "",
+        "## The paper's claims, checked on these runs",
+        "",
+        "- Does the bound follow the gap's trend? "
+        + trend_sentence("widths", settings.widths, width_runs)
+        + " "
+        + trend_sentence("label-noise levels", settings.noise_levels, noise_runs),
+        f"- Is Eq. 2 above the measured gap? In {above} of {len(runs)} runs (with R = {R}; the "
+        "bound scales as R^(2/3), so this depends on that assumption).",
+        f"- Does the dispersion descend twice? {descent}",
+        "",
+        "Every number above is in `runs/*/result.json` (per-epoch metrics in `metrics.csv`, "
+        "per-step λ_t, losses and V_t in `steps.npz`).",
+        "",
+    ]
+    return "\n".join(lines)
