@@ -158,7 +158,7 @@ class PreActBlock(nnx.Module):
         self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
         self.norm2 = nnx.BatchNorm(cout, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, rngs=rngs)
-        self.shortcut = None
+        self.shortcut = nnx.data(None)
         if stride != 1 or cin != cout:
             self.shortcut = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
 

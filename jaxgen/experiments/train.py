@@ -376,11 +376,16 @@ def run(
             (params, opt_state), x_train, y_train, indices, jnp.asarray(order)
         )
         losses = np.asarray(losses, np.float64)
-        if not np.all(np.isfinite(losses)):
-            bad = step + int(np.argmin(np.isfinite(losses))) + 1
+        weights_finite = all(
+            bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(new_params)
+        )
+        if not (np.all(np.isfinite(losses)) and weights_finite):
+            first = np.flatnonzero(~np.isfinite(losses))
+            bad = step + (int(first[0]) + 1 if first.size else len(losses))
             raise TrainingDiverged(
-                f"non-finite training loss at step {bad} (epoch {epoch + 1}); the last good "
-                f"checkpoint (step {checkpoints.manager.latest_step()}) is kept; lower --lr"
+                f"non-finite training loss or weights at step {bad} (epoch {epoch + 1}); the "
+                f"last good checkpoint (step {checkpoints.manager.latest_step()}) is kept; "
+                "lower --lr"
             )
         params, opt_state = new_params, new_opt_state
         logs.losses += losses.tolist()

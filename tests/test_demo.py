@@ -1,0 +1,36 @@
+"""The demo's verdicts, on synthetic curves whose answer is known."""
+
+import numpy as np
+
+from jaxgen.experiments import demo
+
+
+def _epochs(values):
+    return [{"epoch": i + 1, "dispersion": v} for i, v in enumerate(values)]
+
+
+def test_double_descent_is_detected_when_present():
+    t = np.arange(120)
+    fall, rise, fall_again = 220 - 3 * t, 175 + 1.5 * (t - 15), 242 - 2 * (t - 60)
+    curve = np.where(t < 15, fall, np.where(t < 60, rise, fall_again))
+    found, sentence = demo.double_descent(_epochs(curve))
+    assert found and sentence.startswith("Yes")
+
+
+def test_double_descent_is_not_claimed_for_a_monotone_fall_or_a_single_dip():
+    assert not demo.double_descent(_epochs(np.linspace(200, 10, 100)))[0]
+    t = np.arange(100)
+    assert not demo.double_descent(_epochs(np.where(t < 30, 200 - 3 * t, 110 + 2 * (t - 30))))[0]
+
+
+def _runs(gaps, bound_values):
+    return [{"gap": g, "eq2_bound": b} for g, b in zip(gaps, bound_values, strict=True)]
+
+
+def test_trend_sentence_counts_agreeing_steps():
+    agree = demo.trend_sentence("widths", [1, 2, 3], _runs([0.1, 0.2, 0.3], [1, 2, 3]))
+    assert "the bound follows the gap's trend" in agree and "2 of 2 steps" in agree
+    mostly = demo.trend_sentence("widths", [1, 2, 3, 4], _runs([1, 2, 3, 4], [1, 2, 3, 2.5]))
+    assert "mostly follows" in mostly and "2 of 3 steps" in mostly
+    opposite = demo.trend_sentence("widths", [1, 2, 3], _runs([1, 2, 3], [3, 2, 1]))
+    assert "does not follow" in opposite and "ρ = -1.00" in opposite
