@@ -48,6 +48,7 @@ _VIEWS = (
     "copy_p",
 )
 _CHEAP_RULES = ("add", "add_any", "sub", "mul", "conv_general_dilated")
+_FAST_RULES = ("dense", "embedding", "bias")
 PARAM, EXAMPLE, CONST = "param", "example", "const"
 
 
@@ -191,6 +192,9 @@ def _rule(use: _Use, entries) -> str:
                 return "dense"
         if name == "gather" and use.param_positions == (0,) and _is_embedding(eqn):
             return "embedding"
+        operand = eqn.invars[use.param_positions[0]].aval
+        if name in ("add", "add_any", "sub") and operand.ndim == eqn.outvars[0].aval.ndim:
+            return "bias"  # the per-example gradient is ±δ_i, summed over broadcast axes
     if name in _CHEAP_RULES:
         return name
     return "generic"
@@ -224,7 +228,7 @@ def _plan(jaxpr, consts, leaves, example_leaves, num_leaves) -> _Plan:
             uses_of.setdefault(leaf, []).append(u)
     for leaf, ids in sorted(uses_of.items()):
         use = plan.uses[ids[0]]
-        if len(ids) == 1 and leaf not in plan.derived and use.rule in ("dense", "embedding"):
+        if len(ids) == 1 and leaf not in plan.derived and use.rule in _FAST_RULES:
             plan.fast[leaf] = ids[0]
             continue
         plan.materialised.append(leaf)
@@ -350,10 +354,32 @@ def ghost_dispersion(
 
     leaf_sq_norms: dict[int, jax.Array] = {}
     leaf_m2: dict[int, jax.Array] = {}
+
+    def exact(leaf: int, grads: jax.Array) -> None:
+        """Norms and centred sum of a leaf whose per-example gradients are at hand."""
+        flat = grads.reshape(size, -1).astype(jnp.float32)
+        residuals = flat - mean_grad[leaf].reshape(1, -1).astype(jnp.float32)
+        leaf_sq_norms[leaf] = jnp.sum(jnp.square(flat), axis=1)
+        total = jnp.sum(residuals, axis=0)
+        leaf_m2[leaf] = jnp.maximum(
+            jnp.sum(jnp.square(residuals)) - jnp.sum(jnp.square(total)) / size, 0.0
+        )
+
     for leaf, u in plan.fast.items():
         use = plan.uses[u]
         (x,) = captured[u]
         (delta,) = deltas[u]
+        if use.rule == "bias":
+            operand = use.eqn.invars[use.param_positions[0]].aval.shape
+            axes = tuple(
+                i + 1
+                for i, (p, o) in enumerate(zip(operand, delta.shape[1:], strict=True))
+                if p < o
+            )
+            grads = jnp.sum(delta, axis=axes) if axes else delta
+            negative = use.eqn.primitive.name == "sub" and use.param_positions == (1,)
+            exact(leaf, -grads if negative else grads)
+            continue
         if use.rule == "dense":
             rule = functools.partial(_dense_sq_norm, use.eqn, use.example_positions[0])
         else:
@@ -366,13 +392,7 @@ def ghost_dispersion(
     if plan.materialised:
         per_example_grads = _materialise(plan, jaxpr, consts, leaves, captured, deltas, num_leaves)
         for leaf, grads in per_example_grads.items():
-            flat = grads.reshape(size, -1).astype(jnp.float32)
-            residuals = flat - mean_grad[leaf].reshape(1, -1).astype(jnp.float32)
-            leaf_sq_norms[leaf] = jnp.sum(jnp.square(flat), axis=1)
-            total = jnp.sum(residuals, axis=0)
-            leaf_m2[leaf] = jnp.maximum(
-                jnp.sum(jnp.square(residuals)) - jnp.sum(jnp.square(total)) / size, 0.0
-            )
+            exact(leaf, grads)
 
     zero = jnp.zeros((), jnp.float32)
     layer = [leaf_m2.get(i, zero) / size for i in range(num_leaves)]

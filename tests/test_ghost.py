@@ -161,3 +161,13 @@ def test_ghost_norms_match_per_example_gradients_layer_by_layer(mlp):
         np.sum(np.asarray(g).reshape(10, -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(grads)
     )
     np.testing.assert_allclose(stats.sq_norms, expected, rtol=1e-5)
+
+
+def test_bias_subtracted_and_broadcast_over_a_sequence():
+    def loss_fn(params, z):  # (T, d) @ (d, k) − b broadcast from (1, k): b is subtracted
+        out = z["x"] @ params["w"] - params["b"].reshape(1, -1)
+        return jnp.sum(jnp.tanh(out) ** 2) + params["c"] - z["y"]
+
+    params = {"w": 0.3 * jnp.ones((4, 3)), "b": jnp.array([0.1, -0.2, 0.3]), "c": jnp.array(0.5)}
+    batch = {"x": jax.random.normal(jax.random.key(5), (6, 7, 4)), "y": jnp.arange(6.0)}
+    _assert_matches_vmap(loss_fn, params, batch, method="auto")

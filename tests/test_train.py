@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +193,35 @@ def test_learning_rate_milestones():
     np.testing.assert_allclose(lrs, [0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.025, 0.025])
     schedule = optax.piecewise_constant_schedule(0.1, {2: 0.5, 6: 0.5})
     np.testing.assert_allclose([schedule(t) for t in range(8)], lrs, rtol=1e-6)
+
+
+def test_scan_and_loop_segments_agree():
+    dataset = train.prepare_data(TINY)
+    model = models.build("mlp", dataset.x_train.shape[1:], 10, 8)
+    loss_fn, params, _ = models.classifier_loss(model)
+    optimizer = optax.sgd(0.1)
+    step = train._make_step(loss_fn, optimizer, 2, "auto", None)
+    x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    order = jnp.asarray(train.epoch_order(TINY, 0, 60, 3))
+    carry = (params, optimizer.init(params))
+    scanned = train._make_segment(step, scan=True)(carry, x, y, jnp.arange(3), order)
+    looped = train._make_segment(step, scan=False)(carry, x, y, jnp.arange(3), order)
+    chex.assert_trees_all_close(scanned, looped, rtol=1e-5, atol=1e-7)
+
+
+def test_a_conv_model_on_a_mocked_tfds_dataset(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = train.TrainConfig(
+        dataset="cifar10",
+        model="alexnet",
+        width=4,
+        epochs=1,
+        batch_size=20,
+        data_dir=str(tmp_path / "data"),
+        hessian_probes=2,
+        flatness_samples=2,
+    )
+    with tfds.testing.mock_data(num_examples=40):
+        result = train.run(config, tmp_path / "run", progress=False)
+    assert result["num_steps"] == 2 and result["n"] == 40
+    assert np.isfinite(result["eq2_bound"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import math
 import time
@@ -164,10 +163,10 @@ def _mean_loss(loss_fn):
     return mean_loss
 
 
-def _segment(loss_fn, optimizer, track_every, method, active_fraction, carry, x, y, steps, order):
-    """SGD over the minibatches ``order``; returns per-step loss, V_t and Theorem 3's term."""
+def _make_step(loss_fn, optimizer, track_every, method, active_fraction):
+    """One SGD update; returns per-step loss, V_t and Theorem 3's weighted loss."""
 
-    def step(carry, inputs):
+    def step(carry, inputs, x, y):
         params, opt_state = carry
         index, indices = inputs
         batch = {"x": x[indices], "y": y[indices]}
@@ -183,9 +182,8 @@ def _segment(loss_fn, optimizer, track_every, method, active_fraction, carry, x,
         if track_every == 1:
             loss, grad, variance = tracked(params)
         else:
-            loss, grad, variance = jax.lax.cond(
-                index % track_every == 0, tracked, untracked, params
-            )
+            measure = index % track_every == 0
+            loss, grad, variance = jax.lax.cond(measure, tracked, untracked, params)
         weighted = jnp.zeros((), loss.dtype)
         if active_fraction is not None:
             losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
@@ -193,7 +191,39 @@ def _segment(loss_fn, optimizer, track_every, method, active_fraction, carry, x,
         updates, opt_state = optimizer.update(grad, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), (loss, variance, weighted)
 
-    return jax.lax.scan(step, carry, (steps, order))
+    return step
+
+
+def _make_segment(step, *, scan: bool):
+    """Run ``step`` over a segment of minibatches.
+
+    ``scan``: one jitted ``lax.scan`` (no per-step dispatch: what small dense models
+    need). Otherwise a Python loop over the jitted step: XLA:CPU runs convolutions inside
+    loops up to 40x slower than outside (``benchmarks/README.md``), so models with
+    convolutions step one jitted update at a time.
+    """
+    if scan:
+
+        @jax.jit
+        def scanned(carry, x, y, steps, order):
+            return jax.lax.scan(lambda c, inputs: step(c, inputs, x, y), carry, (steps, order))
+
+        return scanned
+    jitted = jax.jit(step)
+
+    def looped(carry, x, y, steps, order):
+        outputs = []
+        for index, indices in zip(steps, order, strict=True):
+            carry, output = jitted(carry, (index, indices), x, y)
+            outputs.append(output)
+        return carry, tuple(jnp.stack(column) for column in zip(*outputs, strict=True))
+
+    return looped
+
+
+def uses_convolution(loss_fn, params, example) -> bool:
+    """Whether ``loss_fn`` contains a convolution (decides scan against loop)."""
+    return "conv_general_dilated" in str(jax.make_jaxpr(loss_fn)(params, example))
 
 
 def _hessian_frobenius_sq(loss_fn, params, batch, key):
@@ -336,12 +366,10 @@ def run(
     optimizer = optax.sgd(schedule, momentum=config.momentum or None)
     opt_state = optimizer.init(params)
     state_def = jax.tree_util.tree_structure((params, opt_state))
-    segment = jax.jit(
-        functools.partial(
-            _segment, loss_fn, optimizer, config.track_every, config.method, active_fraction
-        )
-    )
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    step_fn = _make_step(loss_fn, optimizer, config.track_every, config.method, active_fraction)
+    one_example = {"x": x_train[0], "y": y_train[0]}
+    segment = _make_segment(step_fn, scan=not uses_convolution(loss_fn, params, one_example))
     evaluator = _Evaluator(loss_fn, graphdef)
     probe_rng = np.random.default_rng([config.seed, 7])
     sensitivity_batch_index = probe_rng.choice(n, size=min(64, n), replace=False)
