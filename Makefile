@@ -23,6 +23,8 @@ test: lint
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/dispersion.py
+	$(BIN)/python benchmarks/gmp.py
+	$(BIN)/python benchmarks/tracking.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
