@@ -203,3 +203,19 @@ def transformer(key: jax.Array, vocab=1000, width=128, length=32, classes=10):
         }
 
     return params, loss_fn, make_batch
+
+
+def torch_model(name: str):
+    """The PyTorch twin of ``mlp`` or ``cnn`` (same layers) and its input shape, or
+    ``(None, None)`` for models without one."""
+    import torch
+
+    nn = torch.nn
+    if name.startswith("MLP 784-1024-1024-10"):
+        layers = [nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU()]
+        return nn.Sequential(nn.Flatten(), *layers, nn.Linear(1024, 10)), (784,)
+    if name.startswith("CNN"):
+        layers = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
+        layers += [nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 8 * 32, 10)), (3, 32, 32)
+    return None, None

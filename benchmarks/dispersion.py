@@ -30,6 +30,7 @@ from _common import (
     mlp,
     peak_bytes,
     save,
+    torch_model,
     transformer,
 )
 
@@ -52,33 +53,6 @@ def _jax_variants(loss_fn, with_vmap: bool):
     return variants
 
 
-def _torch_model(name):
-    import torch
-
-    if name.startswith("MLP"):
-        model = torch.nn.Sequential(
-            torch.nn.Linear(784, 1024),
-            torch.nn.ReLU(),
-            torch.nn.Linear(1024, 1024),
-            torch.nn.ReLU(),
-            torch.nn.Linear(1024, 10),
-        )
-        return model, (784,)
-    if name.startswith("CNN"):
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.AvgPool2d(2),
-            torch.nn.Conv2d(16, 32, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.AvgPool2d(2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(8 * 8 * 32, 10),
-        )
-        return model, (3, 32, 32)
-    return None, None
-
-
 def _torch_rows(name, size, repeats):
     """PyTorch peers: (label, seconds) rows, the plain backward first; [] when unavailable."""
     try:
@@ -88,7 +62,7 @@ def _torch_rows(name, size, repeats):
     except ImportError:
         print("  (PyTorch/BackPACK not installed: pip install -e .[peers] to time the peers)")
         return []
-    model, shape = _torch_model(name)
+    model, shape = torch_model(name)
     if model is None:
         print(f"  (no PyTorch peer for {name}: BackPACK does not cover attention)")
         return []

@@ -17,7 +17,7 @@ import argparse
 
 import jax
 import optax
-from _common import cnn, interleaved_medians, machine, mean_loss, mlp, save
+from _common import cnn, interleaved_medians, machine, mean_loss, mlp, save, torch_model
 
 import jaxgen
 from jaxgen._random import gaussian_like
@@ -57,28 +57,8 @@ def _torch_rows(name, size, repeats):
         return []
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    if name.startswith("MLP"):
-        model = torch.nn.Sequential(
-            torch.nn.Flatten(),
-            torch.nn.Linear(784, 1024),
-            torch.nn.ReLU(),
-            torch.nn.Linear(1024, 1024),
-            torch.nn.ReLU(),
-            torch.nn.Linear(1024, 10),
-        )
-        x = torch.randn(size, 784)
-    else:
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.AvgPool2d(2),
-            torch.nn.Conv2d(16, 32, 3, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.AvgPool2d(2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(8 * 8 * 32, 10),
-        )
-        x = torch.randn(size, 3, 32, 32)
+    model, shape = torch_model(name)
+    x = torch.randn(size, *shape)
     y = torch.randint(0, 10, (size,))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     loss_fn = torch.nn.CrossEntropyLoss()

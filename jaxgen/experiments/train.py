@@ -446,10 +446,8 @@ def run(
         dataset,
         loss_fn,
         params,
-        graphdef,
         lrs,
         logs,
-        evaluator,
         active_fraction,
         steps_per_epoch,
     )
@@ -488,16 +486,13 @@ def _finish(
     dataset,
     loss_fn,
     params,
-    graphdef,
     lrs,
     logs,
-    evaluator,
     active_fraction,
     steps_per_epoch,
 ) -> dict[str, Any]:
     n = dataset.num_train
-    train_losses, train_correct = evaluator(params, dataset.x_train, dataset.y_train)
-    test_losses, test_correct = evaluator(params, dataset.x_test, dataset.y_test)
+    final = logs.epochs[-1]  # evaluated on the full splits at the final weights
     variances = jnp.asarray(filled_variances(np.asarray(logs.variances)))
     lrs_j = jnp.asarray(lrs)
     steps = len(lrs)
@@ -544,11 +539,11 @@ def _finish(
         "batch_size": config.batch_size,
         "num_steps": steps,
         "track_every": config.track_every,
-        "train_loss": float(train_losses.mean()),
-        "test_loss": float(test_losses.mean()),
-        "train_accuracy": float(train_correct.mean()),
-        "test_accuracy": float(test_correct.mean()),
-        "gap": float(test_losses.mean() - train_losses.mean()),
+        "train_loss": final["train_loss"],
+        "test_loss": final["test_loss"],
+        "train_accuracy": final["train_accuracy"],
+        "test_accuracy": final["test_accuracy"],
+        "gap": final["test_loss"] - final["train_loss"],
         "sum_lr2_variance": float(np.sum(lrs**2 * np.asarray(variances))),
         "hessian_trace": float(trace.value),
         "hessian_trace_stderr": float(trace.stderr),
