@@ -250,6 +250,7 @@ def _sweep(args, console) -> None:
         Path(args.out) / "figure1.png",
         xlabel=xlabel,
         title=f"{results[0]['model']} on {results[0]['dataset']}",
+        log_x=name == "width",
     )
     summary = [
         {name: v, "gap": r["gap"], "eq2_bound": r["eq2_bound"]}

@@ -100,6 +100,7 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
         out / "figure1_width.png",
         xlabel="hidden width",
         title="MLP on MNIST-1D: width",
+        log_x=True,
     )
     report.sweep_figure(
         settings.noise_levels,
@@ -209,7 +210,7 @@ def _table(setting: str, values, runs) -> list[str]:
 
 def _report(settings: DemoPlan, width_runs, noise_runs, dynamics, epochs, seconds) -> str:
     base = settings.sweep
-    runs = width_runs + noise_runs + [dynamics]
+    runs = list({id(r): r for r in [*width_runs, *noise_runs, dynamics]}.values())  # distinct
     above = sum(r["eq2_bound"] >= r["gap"] for r in runs)
     _, descent = double_descent(epochs)
     lines = [

@@ -101,6 +101,7 @@ def sweep_figure(
     *,
     xlabel: str,
     title: str = "",
+    log_x: bool = False,
 ) -> Path:
     """Figure 1: the Eq. 2 bound and the measured gap against a swept setting (log y)."""
     plt = _pyplot()
@@ -108,6 +109,8 @@ def sweep_figure(
     axis.plot(values, [r["eq2_bound"] for r in results], "o-", label="bound (Eq. 2)")
     axis.plot(values, [max(r["gap"], 1e-6) for r in results], "s-", label="gap (test − train loss)")
     axis.set_yscale("log")
+    if log_x:
+        axis.set_xscale("log", base=2)
     axis.set_xlabel(xlabel)
     axis.set_title(title)
     axis.legend()
