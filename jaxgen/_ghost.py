@@ -14,10 +14,13 @@ to the probes is taken together with the gradient with respect to the parameters
 
 The places are found from the function itself: ``loss_fn(params, example)`` is traced
 to a jaxpr and re-evaluated by a small interpreter, so Flax NNX, Equinox and
-hand-written models need no changes (kfac-jax locates layers the same way). Parameters
-that the two rules above do not cover (biases, elementwise gains, convolution kernels,
-parameters used in several places, anything else) get exact per-example gradients for
-that parameter alone, from the vector-Jacobian product of the operation that uses it.
+hand-written models need no changes (kfac-jax locates layers the same way). A bias
+(a parameter added to example data) has ``g_i = δ_i`` summed over broadcast axes, read
+straight from the probe. Elementwise gains and convolution kernels get exact per-example
+gradients for that parameter alone, from the vector-Jacobian product of the operation
+that uses it (small for those parameters), as do parameters no rule covers (used in
+several places, transformed before use, anything else), which ``method="ghost"`` names
+in a warning.
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are materialised is centred exactly instead).
@@ -47,7 +50,8 @@ _VIEWS = (
     "copy",
     "copy_p",
 )
-_CHEAP_RULES = ("add", "add_any", "sub", "mul", "conv_general_dilated")
+# Uses covered by exact per-parameter materialisation, without a warning.
+_MATERIALISED_RULES = ("add", "add_any", "sub", "mul", "conv_general_dilated")
 _FAST_RULES = ("dense", "embedding", "bias")
 PARAM, EXAMPLE, CONST = "param", "example", "const"
 
@@ -195,7 +199,7 @@ def _rule(use: _Use, entries) -> str:
         operand = eqn.invars[use.param_positions[0]].aval
         if name in ("add", "add_any", "sub") and operand.ndim == eqn.outvars[0].aval.ndim:
             return "bias"  # the per-example gradient is ±δ_i, summed over broadcast axes
-    if name in _CHEAP_RULES:
+    if name in _MATERIALISED_RULES:
         return name
     return "generic"
 

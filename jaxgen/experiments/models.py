@@ -66,7 +66,6 @@ class MLP(nnx.Module):
     def __init__(self, sizes: Sequence[int], *, rngs: nnx.Rngs, dropout: float = 0.0):
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"sizes must list at least two positive layer sizes, got {sizes!r}")
-        self.example_ndim = None
         self.layers = nnx.List(
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
