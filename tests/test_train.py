@@ -145,10 +145,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     )
 
 
-def test_resume_refuses_another_configuration(tmp_path):
+def test_resume_refuses_another_configuration_and_a_fresh_run_refuses_old_checkpoints(tmp_path):
     train.run(TINY, tmp_path, progress=False)
     with pytest.raises(train.ConfigError, match="different configuration"):
         train.run(dataclasses.replace(TINY, lr=0.2), tmp_path, resume=True, progress=False)
+    with pytest.raises(train.ConfigError, match="already holds checkpoints of a run"):
+        train.run(TINY, tmp_path, progress=False)
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -384,6 +384,11 @@ def run(
 
     checkpoints = _Checkpoints(out_dir / "checkpoints")
     logs, step = _Logs(), 0
+    if not resume and checkpoints.manager.latest_step() is not None:
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints of a run: pass --resume to continue it, "
+            "or choose another --out"
+        )
     if resume:
         restored = checkpoints.restore(jax.tree_util.tree_leaves((params, opt_state)), config)
         if restored is not None:
