@@ -129,6 +129,17 @@ def _training_options(parser: argparse.ArgumentParser, *, out_default: str) -> N
     parser.add_argument("--hessian-probes", type=_positive_int)
     parser.add_argument("--flatness-samples", type=_positive_int)
     parser.add_argument("--method", choices=train.METHODS, help="dispersion method")
+    parser.add_argument(
+        "--regularizer",
+        choices=train.REGULARIZERS,
+        help="GMP (Algorithm 2) or dynamic gradient clipping (Algorithm 1)",
+    )
+    parser.add_argument("--gmp-samples", type=_positive_int, help="GMP: k (default 3)")
+    parser.add_argument("--gmp-sigma", type=_positive_float, help="GMP: σ (default 0.03)")
+    parser.add_argument("--gmp-rho", type=_unit, help="GMP: ρ (default 0.5)")
+    parser.add_argument("--dgc-alpha", type=_positive_float, help="clipping: α (default 0.1)")
+    parser.add_argument("--dgc-initial-norm", type=_positive_float, help="clipping: G (default 50)")
+    parser.add_argument("--dgc-start-epoch", type=int, help="clipping: T_c in epochs (default 15)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -154,6 +165,13 @@ _CONFIG_FIELDS = (
     "hessian_probes",
     "flatness_samples",
     "method",
+    "regularizer",
+    "gmp_samples",
+    "gmp_sigma",
+    "gmp_rho",
+    "dgc_alpha",
+    "dgc_initial_norm",
+    "dgc_start_epoch",
 )
 
 

@@ -34,3 +34,13 @@ def test_trend_sentence_counts_agreeing_steps():
     assert "mostly follows" in mostly and "2 of 3 steps" in mostly
     opposite = demo.trend_sentence("widths", [1, 2, 3], _runs([1, 2, 3], [3, 2, 1]))
     assert "does not follow" in opposite and "ρ = -1.00" in opposite
+
+
+def test_implication_sentences_do_not_overclaim():
+    rows = lambda accs: [{"test_accuracy": a} for a in accs]  # noqa: E731
+    lines = demo.implication_lines(
+        [("clipping", rows([0.40, 0.50, 0.43]), rows([0.45, 0.505, 0.48]))]
+    )
+    text = "\n".join(lines)
+    assert "final test accuracy 0.430 → 0.480 (up 5.0 points)" in text
+    assert "best epoch 0.500 → 0.505 (unchanged within one point" in text

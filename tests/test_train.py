@@ -227,3 +227,30 @@ def test_a_conv_model_on_a_mocked_tfds_dataset(tmp_path):
         result = train.run(config, tmp_path / "run", progress=False)
     assert result["num_steps"] == 2 and result["n"] == 40
     assert np.isfinite(result["eq2_bound"])
+
+
+@pytest.mark.parametrize("regularizer", ["gmp", "dgc"])
+def test_regularized_runs_resume_to_the_same_numbers(tmp_path, regularizer):
+    config = dataclasses.replace(
+        TINY,
+        epochs=2,
+        regularizer=regularizer,
+        dgc_start_epoch=1,
+        dgc_initial_norm=1.0,
+        gmp_samples=2,
+        checkpoint_every=3,
+    )
+    reference = train.run(config, tmp_path / "straight", progress=False)
+    assert regularizer in reference["optimizer"].lower() or "clipping" in reference["optimizer"]
+
+    def stop(epoch, _row):
+        if epoch == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train.run(config, tmp_path / "resumed", progress=False, on_epoch=stop)
+    resumed = train.run(config, tmp_path / "resumed", resume=True, progress=False)
+    for key in ("train_loss", "test_loss", "eq2_bound", "sum_lr2_variance"):
+        assert resumed[key] == reference[key], key
+    plain = train.run(dataclasses.replace(TINY, epochs=2), tmp_path / "plain", progress=False)
+    assert plain["train_loss"] != reference["train_loss"]  # the regularizer changed the run

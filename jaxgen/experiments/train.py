@@ -34,6 +34,7 @@ from jaxgen import bounds
 from jaxgen.experiments import data, models, report
 
 METHODS = ("auto", "ghost", "vmap")
+REGULARIZERS = ("none", "gmp", "dgc")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,13 @@ class TrainConfig:
     flatness_samples: int = 32
     method: str = "auto"
     data_dir: str | None = None
+    regularizer: str = "none"
+    gmp_samples: int = 3
+    gmp_sigma: float = 0.03
+    gmp_rho: float = 0.5
+    dgc_initial_norm: float = 50.0
+    dgc_alpha: float = 0.1
+    dgc_start_epoch: int = 15
 
     def __post_init__(self):
         positive_ints = ("width", "epochs", "batch_size", "track_every", "hessian_probes")
@@ -84,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"label_noise must lie in [0, 1], got {self.label_noise!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if self.dgc_start_epoch < 0:
+            raise ConfigError(f"dgc_start_epoch must be >= 0, got {self.dgc_start_epoch!r}")
         if not self.lr_factor > 0:
             raise ConfigError(f"lr_factor must be > 0, got {self.lr_factor!r}")
         if self.checkpoint_every < 0:
@@ -98,14 +108,49 @@ class TrainConfig:
             raise ConfigError(
                 f"model must be one of {', '.join(models.MODELS)}, got {self.model!r}"
             )
+        if self.regularizer not in REGULARIZERS:
+            raise ConfigError(
+                f"regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}"
+            )
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     @property
     def optimizer_description(self) -> str:
         if self.momentum == 0:
-            return "plain SGD (no momentum: the setting of the theory)"
-        return f"SGD with momentum {self.momentum} (the bounds assume plain SGD)"
+            text = "plain SGD (no momentum: the setting of the theory)"
+        else:
+            text = f"SGD with momentum {self.momentum} (the bounds assume plain SGD)"
+        if self.regularizer == "gmp":
+            text += (
+                f", with GMP (k={self.gmp_samples}, σ={self.gmp_sigma}, ρ={self.gmp_rho}; "
+                "V_t is that of the clean minibatch gradient)"
+            )
+        elif self.regularizer == "dgc":
+            text += (
+                f", with dynamic gradient clipping (α={self.dgc_alpha}, "
+                f"G₀={self.dgc_initial_norm}, from epoch {self.dgc_start_epoch})"
+            )
+        return text
+
+    def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
+        """Plain SGD (``momentum`` and the milestones if set), after the regularizer."""
+        schedule = optax.piecewise_constant_schedule(
+            self.lr, {m * steps_per_epoch: self.lr_factor for m in self.lr_milestones}
+        )
+        sgd = optax.sgd(schedule, momentum=self.momentum or None)
+        if self.regularizer == "gmp":
+            key = jax.random.PRNGKey(self.seed + 3)
+            gmp = jaxgen.gmp(
+                self.gmp_samples, self.gmp_sigma, self.gmp_rho, key=key, mode="sequential"
+            )
+            return optax.chain(gmp, sgd)
+        if self.regularizer == "dgc":
+            start = self.dgc_start_epoch * steps_per_epoch
+            return optax.chain(
+                jaxgen.dynamic_clip(self.dgc_initial_norm, self.dgc_alpha, start), sgd
+            )
+        return optax.with_extra_args_support(sgd)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"lr_milestones": list(self.lr_milestones)}
@@ -188,7 +233,8 @@ def _make_step(loss_fn, optimizer, track_every, method, active_fraction):
         if active_fraction is not None:
             losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, batch)
             weighted = jnp.mean(active_fraction(params, batch["x"]) * losses)
-        updates, opt_state = optimizer.update(grad, opt_state, params)
+        grad_fn = jaxgen.batch_grad_fn(loss_fn, batch)  # used by GMP, ignored otherwise
+        updates, opt_state = optimizer.update(grad, opt_state, params, grad_fn=grad_fn)
         return (optax.apply_updates(params, updates), opt_state), (loss, variance, weighted)
 
     return step
@@ -289,12 +335,18 @@ class _Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
 
+    @staticmethod
+    def _is_key(x) -> bool:
+        return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
     def save(self, step: int, state_leaves: list, logs: _Logs, config: TrainConfig) -> None:
         ocp = self._ocp
+        # PRNG keys (GMP's) are stored as their raw key data.
+        storable = [jax.random.key_data(x) if self._is_key(x) else x for x in state_leaves]
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state_leaves),
+                state=ocp.args.StandardSave(storable),
                 logs=ocp.args.JsonSave(dataclasses.asdict(logs) | {"config": config.as_dict()}),
             ),
         )
@@ -305,7 +357,8 @@ class _Checkpoints:
         step = self.manager.latest_step()
         if step is None:
             return None
-        abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in template_leaves]
+        stored = [jax.random.key_data(x) if self._is_key(x) else x for x in template_leaves]
+        abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stored]
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -318,7 +371,11 @@ class _Checkpoints:
                 "--resume: the checkpoint was written with a different configuration; "
                 "use the same arguments or another --out"
             )
-        return step, list(restored["state"]), _Logs(**saved)
+        leaves = [
+            jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if self._is_key(t) else x
+            for x, t in zip(restored["state"], template_leaves, strict=True)
+        ]
+        return step, leaves, _Logs(**saved)
 
 
 def run(
@@ -359,11 +416,7 @@ def run(
 
             return nnx.merge(definition, params, rest).active_fraction(x)
 
-    schedule = optax.piecewise_constant_schedule(
-        config.lr,
-        {m * steps_per_epoch: config.lr_factor for m in config.lr_milestones},
-    )
-    optimizer = optax.sgd(schedule, momentum=config.momentum or None)
+    optimizer = config.optimizer(steps_per_epoch)
     opt_state = optimizer.init(params)
     state_def = jax.tree_util.tree_structure((params, opt_state))
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
