@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -101,10 +102,14 @@ def test_divergence_exits_1_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "non-finite training loss" in err
 
 
-def test_demo_quick_writes_the_report(tmp_path):
+def test_demo_quick_writes_the_report_and_can_run_again(tmp_path):
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    first = (tmp_path / "report.md").read_text()
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0  # replaces its runs
     text = (tmp_path / "report.md").read_text()
     for figure in ("figure1_width.png", "figure1_noise.png", "figure2.png"):
         assert (tmp_path / figure).stat().st_size > 1000 and figure in text
     assert "Does the bound follow the gap's trend?" in text
     assert "Does the dispersion descend twice?" in text
+    untimed = lambda report: re.sub(r"Took \d+ s\.", "", report)  # noqa: E731
+    assert untimed(first) == untimed(text)  # the same numbers, run again

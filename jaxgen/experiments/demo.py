@@ -9,6 +9,7 @@ from the numbers of this run rather than written in advance.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,17 @@ def plan(quick: bool) -> DemoPlan:
 
 
 def run(out: Path, *, quick: bool = False, console=None) -> Path:
-    """Run the demo into ``out`` and return the path of ``report.md``."""
+    """Run the demo into ``out`` and return the path of ``report.md``.
+
+    ``out/runs`` is the demo's own scratch space: a previous demo's runs there are
+    replaced, so that every number in the report comes from this invocation.
+    """
     started = time.perf_counter()
     settings = plan(quick)
     say = console.print if console is not None else print
+    if (out / "runs").exists():
+        say(f"replacing the previous demo's runs in {out / 'runs'}")
+        shutil.rmtree(out / "runs")
 
     finished: dict[train.TrainConfig, dict[str, Any]] = {}
 
