@@ -47,6 +47,11 @@ class DispersionStats(NamedTuple):
     layer_dispersion: PyTree
 
     @property
+    def per_example_sq_norms(self) -> jax.Array:
+        """``(b,)`` ``‖g_i‖²``: the same array as ``sq_norms``."""
+        return self.sq_norms
+
+    @property
     def batch_size(self) -> int:
         return self.sq_norms.shape[0]
 

@@ -161,6 +161,7 @@ def test_ghost_norms_match_per_example_gradients_layer_by_layer(mlp):
         np.sum(np.asarray(g).reshape(10, -1) ** 2, axis=1) for g in jax.tree_util.tree_leaves(grads)
     )
     np.testing.assert_allclose(stats.sq_norms, expected, rtol=1e-5)
+    assert stats.per_example_sq_norms is stats.sq_norms
 
 
 def test_bias_subtracted_and_broadcast_over_a_sequence():
