@@ -1,0 +1,37 @@
+import json
+
+import numpy as np
+import pytest
+
+from jaxgen.experiments import report
+
+
+def test_json_is_written_atomically_and_a_failed_write_keeps_the_old_file(tmp_path):
+    path = report.write_json_atomic(
+        tmp_path / "sub" / "result.json", {"gap": 0.5, "x": float("nan")}
+    )
+    assert json.loads(path.read_text())["gap"] == 0.5
+    with pytest.raises(TypeError):
+        report.write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text())["gap"] == 0.5
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary left
+
+
+def test_npz_and_figures(tmp_path):
+    report.write_npz_atomic(tmp_path / "steps.npz", lrs=np.ones(3))
+    np.testing.assert_array_equal(np.load(tmp_path / "steps.npz")["lrs"], np.ones(3))
+    rows = [
+        {
+            "epoch": e,
+            "dispersion": 10.0 / e,
+            "train_accuracy": 0.1 * e,
+            "test_accuracy": 0.05 * e,
+            "train_accuracy_noisy": 0.02 * e,
+        }
+        for e in range(1, 6)
+    ]
+    assert report.dispersion_figure(rows, tmp_path / "f2.png").stat().st_size > 1000
+    runs = [{"eq2_bound": 1.0, "gap": 0.1}, {"eq2_bound": 2.0, "gap": -0.1}]  # a negative gap
+    assert report.sweep_figure(
+        [8, 16], runs, tmp_path / "f1.png", xlabel="width", log_x=True
+    ).exists()
