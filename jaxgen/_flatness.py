@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import _checks
-from jaxgen._per_example import LossFn, PyTree, _sq_norms
+from jaxgen._per_example import LossFn, PyTree, _sq_norms, mean_loss
 from jaxgen._random import gaussian_like
 
 
@@ -36,11 +36,8 @@ def _add(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _mean_loss(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Array:
-    return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
-
-
-def _summarise(samples: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
+def mean_and_stderr(samples: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
+    """Sample mean and its standard error ``std(ddof=1)/√m`` (``nan`` for one sample)."""
     value = jnp.mean(samples)
     if num_samples == 1:
         return value, jnp.full_like(value, jnp.nan)
@@ -49,19 +46,17 @@ def _summarise(samples: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Arr
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_samples", "chunk_size"))
 def _flatness(loss_fn, params, train_batch, heldout_batch, key, sigma, num_samples, chunk_size):
-    clean_gap = _mean_loss(loss_fn, params, train_batch) - _mean_loss(
-        loss_fn, params, heldout_batch
-    )
+    clean_gap = mean_loss(loss_fn, params, train_batch) - mean_loss(loss_fn, params, heldout_batch)
 
     def sample(sample_key):
         perturbed = _add(params, gaussian_like(sample_key, params, sigma))
-        gap = _mean_loss(loss_fn, perturbed, train_batch) - _mean_loss(
+        gap = mean_loss(loss_fn, perturbed, train_batch) - mean_loss(
             loss_fn, perturbed, heldout_batch
         )
         return gap - clean_gap
 
     keys = jax.random.split(key, num_samples)
-    return _summarise(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
+    return mean_and_stderr(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
 
 
 def flatness_term(
@@ -138,7 +133,7 @@ def _sensitivity(loss_fn, params, batch, key, sigma, num_samples, chunk_size):
         return jnp.mean(_sq_norms(difference))
 
     keys = jax.random.split(key, num_samples)
-    return _summarise(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
+    return mean_and_stderr(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
 
 
 def gradient_sensitivity(

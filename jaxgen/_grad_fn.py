@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxgen import _checks
+from jaxgen._per_example import mean_loss
 
 PyTree = Any
 
@@ -30,7 +31,4 @@ def batch_grad_fn(
     """
     _checks.batch_size("batch", batch)
 
-    def mean_loss(params):
-        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
-
-    return jax.grad(mean_loss)
+    return functools.partial(jax.grad(mean_loss, argnums=1), loss_fn, batch=batch)

@@ -7,7 +7,6 @@ the flatness term, ``E[L_S(w + Δ) − L_S(w)] ≈ σ² Tr H / 2``.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +14,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jaxgen import _checks
-from jaxgen._per_example import LossFn, PyTree
+from jaxgen._flatness import mean_and_stderr
+from jaxgen._per_example import LossFn, PyTree, mean_loss
 
 _METHODS = ("hutchinson", "exact")
 
@@ -35,17 +35,10 @@ class TraceEstimate(NamedTuple):
     num_probes: int
 
 
-def _mean_loss(loss_fn: LossFn):
-    def mean_loss(params, batch):
-        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
-
-    return mean_loss
-
-
 def _hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, vector: PyTree) -> PyTree:
     """``H v`` by forward-over-reverse differentiation (one JVP of the gradient)."""
-    grad_fn = jax.grad(_mean_loss(loss_fn))
-    return jax.jvp(lambda p: grad_fn(p, batch), (params,), (vector,))[1]
+    grad_fn = jax.grad(mean_loss, argnums=1)
+    return jax.jvp(lambda p: grad_fn(loss_fn, p, batch), (params,), (vector,))[1]
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -53,7 +46,7 @@ def _vdot(a: PyTree, b: PyTree) -> jax.Array:
     return functools.reduce(jnp.add, jax.tree_util.tree_leaves(products))
 
 
-def _rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
+def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
     probes = [
@@ -66,14 +59,11 @@ def _rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size"))
 def _hutchinson(loss_fn, params, batch, key, num_probes, chunk_size):
     def quadratic_form(probe_key):
-        probe = _rademacher_like(probe_key, params)
+        probe = rademacher_like(probe_key, params)
         return _vdot(probe, _hvp(loss_fn, params, batch, probe))
 
     samples = jax.lax.map(quadratic_form, jax.random.split(key, num_probes), batch_size=chunk_size)
-    value = jnp.mean(samples)
-    if num_probes == 1:
-        return value, jnp.full_like(value, jnp.nan)
-    return value, jnp.std(samples, ddof=1) / math.sqrt(num_probes)
+    return mean_and_stderr(samples, num_probes)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"))

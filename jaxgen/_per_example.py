@@ -61,6 +61,11 @@ class DispersionStats(NamedTuple):
         return self.dispersion / self.batch_size
 
 
+def mean_loss(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Array:
+    """``L_B(w) = (1/b) Σ_i ℓ(w, z_i)``: the per-example loss averaged over ``batch``."""
+    return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
+
+
 def _per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
     return jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
 
@@ -106,13 +111,10 @@ def _split(batch: PyTree, size: int, chunk: int):
 def _dispersion_vmap(loss_fn, params, batch, microbatch_size):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
 
-    def mean_loss(p):
-        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch))
-
     # The batch gradient (one cheap pass) is the shift: residuals g_i − shift are then
     # centred to rounding error, so Σ‖r_i‖² − ‖Σ r_i‖²/b loses nothing to cancellation
     # however large ‖ḡ‖ is (the shifted-data algorithm; Chan, Golub & LeVeque, 1983).
-    loss, shift = jax.value_and_grad(mean_loss)(params)
+    loss, shift = jax.value_and_grad(mean_loss, argnums=1)(loss_fn, params, batch)
     if microbatch_size is None or microbatch_size >= size:
         sums, sq_norms = _residual_sums(loss_fn, params, batch, shift)
     else:

@@ -31,6 +31,8 @@ import optax
 
 import jaxgen
 from jaxgen import bounds
+from jaxgen._hessian import rademacher_like
+from jaxgen._per_example import mean_loss
 from jaxgen.experiments import data, models, report
 
 METHODS = ("auto", "ghost", "vmap")
@@ -201,13 +203,6 @@ def epoch_order(config: TrainConfig, epoch: int, n: int, steps_per_epoch: int) -
     return permutation[: steps_per_epoch * config.batch_size].reshape(steps_per_epoch, -1)
 
 
-def _mean_loss(loss_fn):
-    def mean_loss(params, batch):
-        return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))
-
-    return mean_loss
-
-
 def _make_step(loss_fn, optimizer, track_every, method, active_fraction):
     """One SGD update; returns per-step loss, V_t and Theorem 3's weighted loss."""
 
@@ -221,7 +216,7 @@ def _make_step(loss_fn, optimizer, track_every, method, active_fraction):
             return stats.loss, stats.grad, stats.minibatch_variance
 
         def untracked(params):
-            loss, grad = jax.value_and_grad(_mean_loss(loss_fn))(params, batch)
+            loss, grad = jax.value_and_grad(mean_loss, argnums=1)(loss_fn, params, batch)
             return loss, grad, jnp.full((), jnp.nan, loss.dtype)
 
         if track_every == 1:
@@ -276,12 +271,7 @@ def _hessian_frobenius_sq(loss_fn, params, batch, key):
     """Monte Carlo ``E_z ‖H_z‖_F² = E_z E_v ‖H_z v‖²`` (one Rademacher probe per example)."""
 
     def one(example, probe_key):
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(probe_key, len(leaves))
-        probe = jax.tree_util.tree_unflatten(
-            treedef,
-            [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)],
-        )
+        probe = rademacher_like(probe_key, params)
         grad = jax.grad(loss_fn)
         hv = jax.jvp(lambda p: grad(p, example), (params,), (probe,))[1]
         return sum(jnp.sum(jnp.square(h)) for h in jax.tree_util.tree_leaves(hv))
