@@ -93,6 +93,9 @@ class _Interpreter:
         self.captured: list[list[Any]] = []
 
     def run(self, jaxpr, consts, leaves, example_leaves):
+        """Evaluate; ``example_leaves=None`` marks the example inputs without values."""
+        if example_leaves is None:
+            example_leaves = [None] * (len(jaxpr.invars) - len(leaves))
         args = [(v, PARAM, frozenset([i]), i) for i, v in enumerate(leaves)]
         args += [(v, EXAMPLE, frozenset(), None) for v in example_leaves]
         return self._eval(jaxpr, [(c, CONST, frozenset(), None) for c in consts], args)
@@ -446,11 +449,6 @@ class _ParamOnly(_Interpreter):
     def __init__(self, num_leaves):
         super().__init__(num_leaves)
         self.operands: list[list[Any]] = []
-
-    def run(self, jaxpr, consts, leaves, example_leaves):
-        args = [(v, PARAM, frozenset([i]), i) for i, v in enumerate(leaves)]
-        args += [(None, EXAMPLE, frozenset(), None) for _ in jaxpr.invars[len(leaves) :]]
-        return self._eval(jaxpr, [(c, CONST, frozenset(), None) for c in consts], args)
 
     def _apply(self, eqn, entries):
         statuses = [e[1] for e in entries]
