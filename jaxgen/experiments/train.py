@@ -136,10 +136,15 @@ class TrainConfig:
         return text
 
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
-        """Plain SGD (``momentum`` and the milestones if set), after the regularizer."""
-        schedule = optax.piecewise_constant_schedule(
-            self.lr, {m * steps_per_epoch: self.lr_factor for m in self.lr_milestones}
-        )
+        """Plain SGD (``momentum`` and the milestones if set), after the regularizer.
+
+        The step sizes are ``learning_rates``, the same array the logs and bounds use.
+        """
+        rates = jnp.asarray(learning_rates(self, steps_per_epoch), jnp.float32)
+
+        def schedule(count):
+            return rates[jnp.minimum(count, rates.size - 1)]
+
         sgd = optax.sgd(schedule, momentum=self.momentum or None)
         if self.regularizer == "gmp":
             key = jax.random.PRNGKey(self.seed + 3)
