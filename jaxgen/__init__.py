@@ -5,6 +5,9 @@ regularizers of Wang & Mao, *On the Generalization of Models Trained with SGD:
 Information-Theoretic Bounds and Implications* (ICLR 2022).
 """
 
+import importlib as _importlib
+from importlib import metadata as _metadata
+
 from jaxgen import bounds
 from jaxgen._amp import AMPState, amp
 from jaxgen._clipping import DynamicClipState, dynamic_clip
@@ -14,7 +17,17 @@ from jaxgen._grad_fn import batch_grad_fn
 from jaxgen._hessian import TraceEstimate, hessian_trace
 from jaxgen._per_example import DispersionStats, gradient_dispersion, per_example_grads
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("jaxgen")
+except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0+unknown"
+
+
+def __getattr__(name: str):
+    if name == "nnx":  # imports Flax only when asked for
+        return _importlib.import_module("jaxgen.nnx")
+    raise AttributeError(f"module 'jaxgen' has no attribute {name!r}")
+
 
 __all__ = [
     "AMPState",
@@ -32,5 +45,6 @@ __all__ = [
     "gmp",
     "gradient_sensitivity",
     "hessian_trace",
+    "nnx",
     "per_example_grads",
 ]

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxgen import _checks
-from jaxgen._gmp import _cast_like, require_extra_args
-
-PyTree = Any
+from jaxgen._gmp import require_extra_args
+from jaxgen._types import PyTree
 
 
 class AMPState(NamedTuple):
@@ -98,14 +97,14 @@ def amp(
             return _project(step, epsilon)
 
         def perturbed_grad(delta):
-            return grad_fn(jax.tree_util.tree_map(jnp.add, params, delta))
+            return grad_fn(optax.tree.add(params, delta))
 
-        delta = ascend(jax.tree_util.tree_map(jnp.zeros_like, params), updates)
+        delta = ascend(optax.tree.zeros_like(params), updates)
         if inner_steps > 1:
             delta = jax.lax.fori_loop(
                 1, inner_steps, lambda _, d: ascend(d, perturbed_grad(d)), delta
             )
-        new_updates = _cast_like(perturbed_grad(delta), updates)
+        new_updates = optax.tree.cast_like(perturbed_grad(delta), updates)
         norm = optax.tree.norm(delta).astype(jnp.float32)
         return new_updates, AMPState(state.count + 1, norm)
 

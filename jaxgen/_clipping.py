@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxgen import _checks
-
-PyTree = Any
+from jaxgen._types import PyTree
 
 
 class DynamicClipState(NamedTuple):

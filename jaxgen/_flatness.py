@@ -18,10 +18,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxgen import _checks
-from jaxgen._per_example import LossFn, PyTree, _sq_norms, mean_loss
-from jaxgen._random import gaussian_like
+from jaxgen._per_example import _sq_norms, mean_loss
+from jaxgen._random import gaussian_like, rademacher_like
+from jaxgen._types import LossFn, PyTree
+
+_SENSITIVITY_METHODS = ("monte_carlo", "second_order")
 
 
 class MonteCarloEstimate(NamedTuple):
@@ -30,10 +34,6 @@ class MonteCarloEstimate(NamedTuple):
     value: jax.Array
     stderr: jax.Array
     num_samples: int
-
-
-def _add(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(jnp.add, a, b)
 
 
 def mean_and_stderr(samples: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
@@ -49,7 +49,7 @@ def _flatness(loss_fn, params, train_batch, heldout_batch, key, sigma, num_sampl
     clean_gap = mean_loss(loss_fn, params, train_batch) - mean_loss(loss_fn, params, heldout_batch)
 
     def sample(sample_key):
-        perturbed = _add(params, gaussian_like(sample_key, params, sigma))
+        perturbed = optax.tree.add(params, gaussian_like(sample_key, params, sigma))
         gap = mean_loss(loss_fn, perturbed, train_batch) - mean_loss(
             loss_fn, perturbed, heldout_batch
         )
@@ -128,12 +128,27 @@ def _sensitivity(loss_fn, params, batch, key, sigma, num_samples, chunk_size):
     clean = per_example(params, batch)
 
     def sample(sample_key):
-        perturbed = _add(params, gaussian_like(sample_key, params, sigma))
-        difference = jax.tree_util.tree_map(jnp.subtract, clean, per_example(perturbed, batch))
+        perturbed = optax.tree.add(params, gaussian_like(sample_key, params, sigma))
+        difference = optax.tree.sub(clean, per_example(perturbed, batch))
         return jnp.mean(_sq_norms(difference))
 
     keys = jax.random.split(key, num_samples)
     return mean_and_stderr(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_samples"))
+def _second_order_sensitivity(loss_fn, params, batch, key, sigma, num_samples):
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    grad = jax.grad(loss_fn)
+
+    def probe_sample(example, probe_key):
+        probe = rademacher_like(probe_key, params)
+        hv = jax.jvp(lambda p: grad(p, example), (params,), (probe,))[1]
+        return sigma**2 * optax.tree.norm(hv, squared=True)
+
+    keys = jax.random.split(key, size * num_samples).reshape(size, num_samples)
+    per_example = jax.vmap(lambda z, k: jnp.mean(jax.vmap(probe_sample, (None, 0))(z, k)))
+    return mean_and_stderr(per_example(batch, keys), size)
 
 
 def gradient_sensitivity(
@@ -145,22 +160,35 @@ def gradient_sensitivity(
     sigma: float,
     num_samples: int = 8,
     chunk_size: int = 1,
+    method: str = "monte_carlo",
 ) -> MonteCarloEstimate:
-    """Monte Carlo estimate of the local gradient sensitivity ``Ψ(w)`` of Neu et al.
+    """Estimate of the local gradient sensitivity ``Ψ(w)`` of Neu et al.
 
     ``Ψ(w) = E_{Z,ζ} ‖∇ℓ(w, Z) − ∇ℓ(w + ζ, Z)‖²`` with ``ζ ~ N(0, σ² I)``, averaged over
-    the examples of ``batch`` and ``num_samples`` draws of ``ζ``. In Neu et al. (COLT
-    2021, Theorem 1), at step ``t`` the perturbation has variance ``2 Σ_{i<t} σ_i²``.
-    Each draw materialises the per-example gradients of ``batch`` (memory ``b × P``).
+    the examples of ``batch``. In Neu et al. (COLT 2021, Theorem 1), at step ``t`` the
+    perturbation has variance ``2 Σ_{i<t} σ_i²``.
+
+    - ``"monte_carlo"``: ``num_samples`` draws of ``ζ``; each draw materialises the
+      per-example gradients of ``batch`` (memory ``b × P``). The standard error is over
+      the draws.
+    - ``"second_order"``: ``∇ℓ(w + ζ) − ∇ℓ(w) ≈ H_Z ζ``, so ``Ψ ≈ σ² E_Z ‖H_Z‖_F²``, with
+      ``‖H_z‖_F² = E_v ‖H_z v‖²`` for Rademacher ``v`` (``num_samples`` probes per
+      example, one Hessian-vector product each). Exact for quadratic losses, linear in
+      ``σ²``: with ``sigma=1`` the value is ``E_Z ‖H_Z‖_F²`` itself, which a training
+      loop can measure once and scale by each step's variance. The standard error is
+      over the examples (each one's probes averaged), since ``Ψ`` is an expectation
+      over ``Z`` (``nan`` for one example).
 
     Args:
       loss_fn: per-example loss ``loss_fn(params, example) -> scalar``.
       params: the weights ``w``.
       batch: examples ``Z``.
-      key: PRNG key for the perturbations.
+      key: PRNG key for the perturbations or probes.
       sigma: standard deviation of each coordinate of ``ζ``.
-      num_samples: number of draws of ``ζ``.
-      chunk_size: draws evaluated together under ``vmap``.
+      num_samples: draws of ``ζ`` (``"monte_carlo"``) or probes per example
+        (``"second_order"``).
+      chunk_size: with ``"monte_carlo"``, draws evaluated together under ``vmap``.
+      method: ``"monte_carlo"`` or ``"second_order"``.
 
     Returns:
       ``MonteCarloEstimate(value, stderr, num_samples)``.
@@ -172,13 +200,20 @@ def gradient_sensitivity(
       ...                                   key=jax.random.key(0), sigma=0.5)
       >>> bool(abs(est.value - 3 * 0.25) < 4 * est.stderr)
       True
+      >>> float(jaxgen.gradient_sensitivity(loss, jnp.zeros(3), jnp.ones((2, 3)),
+      ...       key=jax.random.key(0), sigma=0.5, method="second_order").value)   # σ²‖I‖_F²
+      0.75
     """
     _checks.batch_size("batch", batch)
     _checks.key("key", key)
     _checks.non_negative("sigma", sigma)
     _checks.integer("num_samples", num_samples, minimum=1)
     _checks.integer("chunk_size", chunk_size, minimum=1)
-    value, stderr = _sensitivity(
-        loss_fn, params, batch, key, sigma, num_samples, min(chunk_size, num_samples)
-    )
+    _checks.choice("method", method, _SENSITIVITY_METHODS)
+    if method == "second_order":
+        value, stderr = _second_order_sensitivity(loss_fn, params, batch, key, sigma, num_samples)
+    else:
+        value, stderr = _sensitivity(
+            loss_fn, params, batch, key, sigma, num_samples, min(chunk_size, num_samples)
+        )
     return MonteCarloEstimate(value, stderr, num_samples)

@@ -20,8 +20,8 @@ import optax
 
 from jaxgen import _checks
 from jaxgen._random import as_key, gaussian_like
+from jaxgen._types import PyTree
 
-PyTree = Any
 _MODES = ("vmap", "sequential")
 
 
@@ -41,10 +41,6 @@ def require_extra_args(name: str, params: Any, grad_fn: Any) -> None:
             f"{name}.update needs grad_fn=, a function params -> gradient of the minibatch "
             f"loss (see jaxgen.batch_grad_fn), got {grad_fn!r}"
         )
-
-
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
 def gmp(
@@ -118,7 +114,7 @@ def gmp(
 
         def perturbed_grad(sample_key):
             delta = gaussian_like(sample_key, params, sigma)
-            return grad_fn(jax.tree_util.tree_map(jnp.add, params, delta))
+            return grad_fn(optax.tree.add(params, delta))
 
         if mode == "vmap":
             if perturbation_sharding is not None:
@@ -129,14 +125,14 @@ def gmp(
         else:
 
             def accumulate(total, sample_key):
-                return jax.tree_util.tree_map(jnp.add, total, perturbed_grad(sample_key)), None
+                return optax.tree.add(total, perturbed_grad(sample_key)), None
 
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
+            zeros = optax.tree.zeros_like(updates)
             total, _ = jax.lax.scan(accumulate, zeros, sample_keys, unroll=True)
             perturbed_mean = jax.tree_util.tree_map(lambda t: t / num_samples, total)
         new_updates = jax.tree_util.tree_map(
             lambda g, p: (1.0 - rho) * g + rho * p.astype(g.dtype), updates, perturbed_mean
         )
-        return _cast_like(new_updates, updates), GMPState(next_key, state.count + 1)
+        return optax.tree.cast_like(new_updates, updates), GMPState(next_key, state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

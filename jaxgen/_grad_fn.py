@@ -1,34 +1,36 @@
-"""The ``grad_fn`` that the perturbation transforms (``gmp``, ``amp``) take."""
+"""The ``grad_fn`` that the perturbation transforms (``gmp``, ``amp``, optax's SAM) take."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
 from jaxgen import _checks
 from jaxgen._per_example import mean_loss
+from jaxgen._types import LossFn, PyTree
 
-PyTree = Any
 
-
-def batch_grad_fn(
-    loss_fn: Callable[[PyTree, PyTree], jax.Array], batch: PyTree
-) -> Callable[[PyTree], PyTree]:
+def batch_grad_fn(loss_fn: LossFn, batch: PyTree) -> Callable[..., PyTree]:
     """``params ↦ ∇L_B(params)`` with ``L_B = (1/b) Σ_{z ∈ batch} loss_fn(params, z)``.
 
     Build it inside the jitted training step, once per minibatch, and pass the same
-    function as ``grad_fn=`` to ``jaxgen.gmp`` or ``jaxgen.amp``; ``grad_fn(params)`` is the
-    clean gradient those transforms expect as ``updates``.
+    function as ``grad_fn=`` to ``jaxgen.gmp``, ``jaxgen.amp`` or
+    ``optax.contrib.sam(..., opaque_mode=True)``; ``grad_fn(params)`` is the clean
+    gradient those transforms expect as ``updates``. Arguments after ``params`` are
+    accepted and ignored, so optax's ``grad_fn(params, i)`` protocol (SAM calls it with
+    the index of its adversarial step) sees the same minibatch at every step.
 
     Example:
       >>> import jax.numpy as jnp, jaxgen
       >>> grad_fn = jaxgen.batch_grad_fn(lambda w, z: w * z, jnp.array([1.0, 3.0]))
-      >>> float(grad_fn(jnp.float32(0.0)))
-      2.0
+      >>> float(grad_fn(jnp.float32(0.0))), float(grad_fn(jnp.float32(0.0), 1))
+      (2.0, 2.0)
     """
     _checks.batch_size("batch", batch)
+    grad = jax.grad(mean_loss, argnums=1)
 
-    return functools.partial(jax.grad(mean_loss, argnums=1), loss_fn, batch=batch)
+    def grad_fn(params: PyTree, *_: object) -> PyTree:
+        return grad(loss_fn, params, batch)
+
+    return grad_fn

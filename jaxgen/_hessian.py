@@ -11,11 +11,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxgen import _checks
 from jaxgen._flatness import mean_and_stderr
-from jaxgen._per_example import LossFn, PyTree, mean_loss
+from jaxgen._per_example import mean_loss
+from jaxgen._random import rademacher_like
+from jaxgen._types import LossFn, PyTree
 
 _METHODS = ("hutchinson", "exact")
 
@@ -41,26 +44,11 @@ def _hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, vector: PyTree) -> PyTr
     return jax.jvp(lambda p: grad_fn(loss_fn, p, batch), (params,), (vector,))[1]
 
 
-def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-    products = jax.tree_util.tree_map(lambda x, y: jnp.vdot(x, y), a, b)
-    return functools.reduce(jnp.add, jax.tree_util.tree_leaves(products))
-
-
-def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    probes = [
-        jax.random.rademacher(k, leaf.shape, dtype=leaf.dtype)
-        for k, leaf in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, probes)
-
-
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size"))
 def _hutchinson(loss_fn, params, batch, key, num_probes, chunk_size):
     def quadratic_form(probe_key):
         probe = rademacher_like(probe_key, params)
-        return _vdot(probe, _hvp(loss_fn, params, batch, probe))
+        return optax.tree.vdot(probe, _hvp(loss_fn, params, batch, probe))
 
     samples = jax.lax.map(quadratic_form, jax.random.split(key, num_probes), batch_size=chunk_size)
     return mean_and_stderr(samples, num_probes)

@@ -13,16 +13,14 @@ Bounds and Implications*, ICLR 2022 (Theorem 1, where ``V_t`` enters the bound).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxgen import _checks
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from jaxgen._types import LossFn, PyTree
 
 _METHODS = ("auto", "vmap", "ghost")
 
@@ -87,7 +85,7 @@ class _ResidualSums(NamedTuple):
 
 def _residual_sums(loss_fn: LossFn, params: PyTree, chunk: PyTree, shift: PyTree):
     grads = _per_example_grads(loss_fn, params, chunk)
-    residuals = jax.tree_util.tree_map(jnp.subtract, grads, shift)
+    residuals = optax.tree.sub(grads, shift)
     sums = _ResidualSums(
         jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), residuals),
         jax.tree_util.tree_map(lambda r: jnp.sum(jnp.square(r)), residuals),
@@ -122,17 +120,17 @@ def _dispersion_vmap(loss_fn, params, batch, microbatch_size):
 
         def body(carry, chunk):
             sums, norms = _residual_sums(loss_fn, params, chunk, shift)
-            return jax.tree_util.tree_map(jnp.add, carry, sums), norms
+            return optax.tree.add(carry, sums), norms
 
         zeros = _ResidualSums(
-            jax.tree_util.tree_map(jnp.zeros_like, shift),
+            optax.tree.zeros_like(shift),
             jax.tree_util.tree_map(lambda g: jnp.zeros((), g.dtype), shift),
         )
         sums, norms = jax.lax.scan(body, zeros, head)
         norms = [norms.reshape(-1)]
         if tail is not None:
             tail_sums, tail_norms = _residual_sums(loss_fn, params, tail, shift)
-            sums = jax.tree_util.tree_map(jnp.add, sums, tail_sums)
+            sums = optax.tree.add(sums, tail_sums)
             norms.append(tail_norms)
         sq_norms = jnp.concatenate(norms)
     layer_dispersion = jax.tree_util.tree_map(

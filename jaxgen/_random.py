@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import _checks
-
-PyTree = Any
+from jaxgen._types import PyTree
 
 
 def as_key(key: Any, name: str = "key") -> jax.Array:
@@ -54,3 +53,14 @@ def gaussian_like(key: jax.Array, params: PyTree, sigma: Any) -> PyTree:
         for k, leaf in zip(keys, leaves, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
+    """Independent ±1 entries shaped like ``params`` (``E[v vᵀ] = I``), one key per leaf."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    probes = [
+        jax.random.rademacher(k, leaf.shape, dtype=leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, probes)

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import mlp_loss
+from jax.flatten_util import ravel_pytree
 
 import jaxgen
 
@@ -113,6 +114,57 @@ def test_gradient_sensitivity_against_a_per_example_loop(mlp):
     np.testing.assert_allclose(est.value, np.mean(values), rtol=1e-4)
 
 
+def test_second_order_sensitivity_is_exact_for_a_diagonal_quadratic():
+    """ℓ = ½ Σ_k h_k z_k w_k²: H_z = diag(h ⊙ z), so ‖H_z v‖² = Σ (h z)² for any ±1 v."""
+    h = jnp.array([1.0, 2.0, 3.0])
+    batch = jnp.array([[1.0, 1.0, 1.0], [2.0, 0.5, -1.0]])
+    loss = lambda w, z: 0.5 * jnp.sum(h * z * w**2)  # noqa: E731
+    est = jaxgen.gradient_sensitivity(
+        loss, jnp.ones(3), batch, key=jax.random.key(0), sigma=0.3, method="second_order"
+    )
+    per_example = np.sum((np.asarray(h) * np.asarray(batch)) ** 2, axis=1)
+    np.testing.assert_allclose(est.value, 0.09 * per_example.mean(), rtol=1e-6)
+    np.testing.assert_allclose(est.stderr, 0.09 * per_example.std(ddof=1) / np.sqrt(2), rtol=1e-5)
+
+
+def test_second_order_sensitivity_against_the_hessian_and_monte_carlo(mlp):
+    """E_z ‖H_z‖_F² from jax.hessian; the Monte Carlo Ψ agrees at a small σ."""
+    params, batch = mlp
+    flat, unravel = ravel_pytree(params)
+    frobenius = []
+    for i in range(10):
+        z = jax.tree_util.tree_map(lambda x, i=i: x[i], batch)
+        hessian = jax.hessian(lambda f, z=z: mlp_loss(unravel(f), z))(flat)
+        frobenius.append(float(jnp.sum(hessian**2)))
+    exact = np.mean(frobenius)
+    est = jaxgen.gradient_sensitivity(
+        mlp_loss,
+        params,
+        batch,
+        key=jax.random.key(1),
+        sigma=1.0,
+        num_samples=400,
+        method="second_order",
+    )
+    assert abs(float(est.value) - exact) < 0.03 * exact
+    sigma = 1e-3
+    monte_carlo = jaxgen.gradient_sensitivity(
+        mlp_loss, params, batch, key=jax.random.key(2), sigma=sigma, num_samples=64
+    )
+    second = jaxgen.gradient_sensitivity(
+        mlp_loss,
+        params,
+        batch,
+        key=jax.random.key(3),
+        sigma=sigma,
+        num_samples=64,
+        method="second_order",
+    )
+    assert abs(float(monte_carlo.value - second.value)) < 4 * float(
+        jnp.hypot(monte_carlo.stderr, 0.03 * second.value)
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -120,15 +172,18 @@ def test_gradient_sensitivity_against_a_per_example_loop(mlp):
         ({"sigma": float("nan")}, "sigma must be a finite number >= 0"),
         ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
         ({"key": None}, "key must be a PRNG key"),
+        ({"method": "exact"}, "method must be one of 'monte_carlo', 'second_order'"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     loss = lambda w, z: jnp.sum(w * z)  # noqa: E731
     arguments = {"key": jax.random.key(0), "sigma": 0.1, **kwargs}
     with pytest.raises(ValueError, match=message):
-        jaxgen.flatness_term(loss, jnp.ones(3), jnp.ones((2, 3)), jnp.ones((2, 3)), **arguments)
-    with pytest.raises(ValueError, match=message):
         jaxgen.gradient_sensitivity(loss, jnp.ones(3), jnp.ones((2, 3)), **arguments)
+    if "method" in kwargs:
+        return
+    with pytest.raises(ValueError, match=message):
+        jaxgen.flatness_term(loss, jnp.ones(3), jnp.ones((2, 3)), jnp.ones((2, 3)), **arguments)
     with pytest.raises(ValueError, match="heldout_batch leaves must share"):
         jaxgen.flatness_term(
             loss,

@@ -11,7 +11,6 @@ from conftest import cnn_loss, mlp_loss
 from flax import nnx
 
 import jaxgen
-from jaxgen.experiments import models
 
 
 def _assert_matches_vmap(loss_fn, params, batch, method="ghost"):
@@ -69,13 +68,13 @@ def _block_batch(key, size=6, length=5, classes=3):
 
 def test_transformer_block():
     model = Block(rngs=nnx.Rngs(0))
-    loss_fn, params, _ = models.classifier_loss(model)
+    loss_fn, params, _ = jaxgen.nnx.classifier_loss(model)
     _no_warning(lambda: _assert_matches_vmap(loss_fn, params, _block_batch(jax.random.key(1))))
 
 
 def test_tied_weights_fall_back_for_that_parameter_alone():
     model = Block(tied=True, rngs=nnx.Rngs(0))
-    loss_fn, params, _ = models.classifier_loss(model)
+    loss_fn, params, _ = jaxgen.nnx.classifier_loss(model)
     batch = _block_batch(jax.random.key(2), classes=11)
     with pytest.warns(UserWarning, match=r"embed.*embedding"):
         _assert_matches_vmap(loss_fn, params, batch, method="ghost")
@@ -128,24 +127,6 @@ def test_ghost_holds_no_batch_by_parameters_buffer():
 
     assert temp_bytes("vmap") >= per_example_bytes  # the oracle does hold one
     assert temp_bytes("ghost") < 0.1 * per_example_bytes
-
-
-def test_batchnorm_in_training_mode_is_refused():
-    class WithNorm(nnx.Module):
-        def __init__(self, rngs, training):
-            self.linear = nnx.Linear(4, 3, rngs=rngs)
-            self.norm = nnx.BatchNorm(3, use_running_average=not training, rngs=rngs)
-
-        def __call__(self, x):
-            return self.norm(self.linear(x))
-
-    with pytest.raises(ValueError, match="BatchNorm at norm is in training mode"):
-        models.classifier_loss(WithNorm(nnx.Rngs(0), training=True))
-    loss_fn, params, _ = models.classifier_loss(WithNorm(nnx.Rngs(0), training=False))
-    batch = {"x": jax.random.normal(jax.random.key(0), (5, 4)), "y": jnp.arange(5) % 3}
-    # Eval-mode BatchNorm folds its scale with the running variance before use, so the
-    # scale falls back to exact per-example gradients (silently under "auto").
-    _no_warning(lambda: _assert_matches_vmap(loss_fn, params, batch, method="auto"))
 
 
 def test_loss_must_depend_on_the_example():

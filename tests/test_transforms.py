@@ -106,3 +106,27 @@ def test_nnx_optimizer_forwards_grad_fn():
     moved = np.array(model.kernel[...]) - kernel_before
     assert np.abs(moved).max() > 0
     assert not np.allclose(moved, -0.1 * np.array(clean["kernel"][...]))
+
+
+def test_batch_grad_fn_drives_optax_sam_in_opaque_mode():
+    """optax's SAM calls ``grad_fn(params, i)``; the result is SAM's update by hand."""
+    params, batch = _params(jnp.float32), _batch(jnp.float32)
+    rho, lr = 0.05, 0.1
+    sam = optax.contrib.sam(
+        optax.sgd(lr),
+        optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+        sync_period=2,
+        opaque_mode=True,
+    )
+    grad_fn = jaxgen.batch_grad_fn(_loss, batch)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = sam.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    new_params, _ = step(params, sam.init(params))
+    g = grad_fn(params)
+    ascent = optax.tree.scale(rho / optax.tree.norm(g), g)
+    expected = optax.tree.add_scale(params, -lr, grad_fn(optax.tree.add(params, ascent)))
+    chex.assert_trees_all_close(new_params, expected, rtol=1e-5)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import jaxgen.nnx
+
 MODELS = ("linear", "two-layer-relu", "mlp", "alexnet", "vgg16", "preactresnet18")
 REGRESSION_MODELS = ("linear", "two-layer-relu")
 
@@ -226,31 +228,10 @@ def build(
     raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
 
 
-def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
-    return -jax.nn.log_softmax(logits)[label]
-
-
 def squared_loss(output: jax.Array, label: jax.Array) -> jax.Array:
     """``½ (t − f)²`` with the ±1 target ``t = 1 − 2·(label mod 2)`` (Theorems 2 and 3)."""
     target = 1.0 - 2.0 * jnp.mod(label, 2).astype(output.dtype)
     return 0.5 * (target - output) ** 2
-
-
-def refuse_training_batchnorm(model: nnx.Module) -> None:
-    """Raise if ``model`` holds a BatchNorm in training mode.
-
-    A per-example loss evaluates one example at a time, so batch statistics would be
-    those of a single example and every per-example gradient statistic would be wrong.
-    Use eval mode (``model.eval()`` or ``use_running_average=True``).
-    """
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.BatchNorm) and not node.use_running_average:
-            where = "/".join(map(str, path)) or "the model"
-            raise ValueError(
-                f"BatchNorm at {where} is in training mode (use_running_average=False): "
-                "per-example gradient statistics need eval-mode statistics; call "
-                "model.eval() or construct it with use_running_average=True"
-            )
 
 
 def classifier_loss(model: nnx.Module) -> tuple[Callable[[Any, Any], jax.Array], Any, Any]:
@@ -263,9 +244,11 @@ def classifier_loss(model: nnx.Module) -> tuple[Callable[[Any, Any], jax.Array],
     (BatchNorm running statistics, fixed output signs) is held fixed; ``graphdef`` is
     returned with that state so ``predict`` can merge the model back.
     """
-    refuse_training_batchnorm(model)
+    jaxgen.nnx.refuse_training_batchnorm(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    pointwise = squared_loss if isinstance(model, Linear | TwoLayerReLU) else cross_entropy
+    pointwise = (
+        squared_loss if isinstance(model, Linear | TwoLayerReLU) else jaxgen.nnx.cross_entropy
+    )
 
     def loss_fn(params, example):
         output = nnx.merge(graphdef, params, rest)(example["x"])

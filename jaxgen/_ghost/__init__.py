@@ -1,0 +1,185 @@
+"""Exact per-example gradient norms without materialising per-example gradients.
+
+For a parameter ``W`` that enters a per-example loss only through ``y = x W`` (a dense
+layer; ``x`` of shape ``(T, K)`` per example, ``T = 1`` for plain vectors), the
+per-example gradient is ``g_i = x_iᵀ δ_i`` with ``δ_i = ∂ℓ_i/∂y_i``, so
+
+    ‖g_i‖² = ‖x_i‖² ‖δ_i‖²                     (T = 1; Goodfellow, 2015)
+    ‖g_i‖² = ⟨x_i x_iᵀ, δ_i δ_iᵀ⟩               (T > 1, Gram form)
+
+and for an embedding lookup ``y_t = E[k_t]``: ``‖g_i‖² = Σ_{t,s} 1[k_t = k_s] δ_t·δ_s``.
+The ``δ_i`` come from the ordinary backward pass: a zero *probe* is added to the output
+of every operation where a parameter meets example data, and the gradient with respect
+to the probes is taken together with the gradient with respect to the parameters.
+
+The places are found from the function itself: ``loss_fn(params, example)`` is traced
+to a jaxpr and re-evaluated by a small interpreter, so Flax NNX, Equinox and
+hand-written models need no changes (kfac-jax locates layers the same way). A bias
+(a parameter added to example data) has ``g_i = δ_i`` summed over broadcast axes, read
+straight from the probe. Elementwise gains and convolution kernels get exact per-example
+gradients for that parameter alone, from the vector-Jacobian product of the operation
+that uses it (small for those parameters), as do parameters no rule covers (used in
+several places, transformed before use, anything else), which ``method="ghost"`` names
+in a warning. ``RULES`` lists the rules in the order they are tried.
+
+Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
+per-example gradients are at hand is centred exactly instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen._ghost.interpreter import Interpreter, Use
+from jaxgen._ghost.materialise import materialise
+from jaxgen._ghost.rules import Plan, make_plan
+from jaxgen._per_example import DispersionStats
+from jaxgen._types import LossFn, PyTree
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+class _Traced(NamedTuple):
+    """``loss_fn`` as a jaxpr over flat parameter and example leaves."""
+
+    jaxpr: Any
+    consts: list
+    treedef: Any
+
+
+class _Backward(NamedTuple):
+    """What the one backward pass with probes gives."""
+
+    losses: jax.Array  # (b,)
+    mean_grad: list  # ḡ per leaf
+    captured: list  # per use: the example operands, batched
+    deltas: list  # per use: the output gradients δ_i, batched
+
+
+def _trace(loss_fn: LossFn, params: PyTree, batch: PyTree) -> _Traced:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    example_leaves, example_def = jax.tree_util.tree_flatten(batch)
+
+    def flat_loss(leaves, example_leaves):
+        return loss_fn(
+            jax.tree_util.tree_unflatten(treedef, leaves),
+            jax.tree_util.tree_unflatten(example_def, example_leaves),
+        )
+
+    one = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in example_leaves]
+    closed = jax.make_jaxpr(flat_loss)(leaves, one)
+    return _Traced(closed.jaxpr, closed.consts, treedef)
+
+
+def _discover(traced: _Traced, leaves: list, one_example: list) -> Plan:
+    plans = []
+
+    def discover(leaves, example_leaves):
+        plans.append(make_plan(traced.jaxpr, traced.consts, leaves, example_leaves))
+        return 0.0
+
+    jax.eval_shape(discover, leaves, one_example)
+    return plans[0]
+
+
+def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -> _Backward:
+    size = example_leaves[0].shape[0]
+
+    def per_example(leaves, example_leaves, probes):
+        interpreter = Interpreter(probes)
+        outs = interpreter.run(traced.jaxpr, traced.consts, leaves, example_leaves)
+        return outs[0].value, interpreter.captured
+
+    def summed(leaves, probes):
+        losses, captured = jax.vmap(per_example, in_axes=(None, 0, 0))(
+            leaves, example_leaves, probes
+        )
+        return jnp.sum(losses), (losses, captured)
+
+    probes = [
+        [None if a is None else jnp.zeros((size, *a.shape), a.dtype) for a in use.probe_avals]
+        for use in plan.uses
+    ]
+    (grad_sum, deltas), (losses, captured) = jax.grad(summed, argnums=(0, 1), has_aux=True)(
+        leaves, probes
+    )
+    return _Backward(losses, [g / size for g in grad_sum], captured, deltas)
+
+
+class _LeafStats(NamedTuple):
+    sq_norms: jax.Array  # (b,) ‖g_i‖² restricted to the leaf
+    m2: jax.Array  # Σ_i ‖g_i − ḡ‖² restricted to the leaf
+
+
+def _centred(grads: jax.Array, mean: jax.Array) -> _LeafStats:
+    """Statistics of a leaf whose per-example gradients are at hand, centred exactly."""
+    size = grads.shape[0]
+    flat = grads.reshape(size, -1).astype(jnp.float32)
+    residuals = flat - mean.reshape(1, -1).astype(jnp.float32)
+    total = jnp.sum(residuals, axis=0)
+    m2 = jnp.sum(jnp.square(residuals)) - jnp.sum(jnp.square(total)) / size
+    return _LeafStats(jnp.sum(jnp.square(flat), axis=1), jnp.maximum(m2, 0.0))
+
+
+def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array) -> _LeafStats:
+    (x,) = backward.captured[u]
+    (delta,) = backward.deltas[u]
+    if use.rule.grads is not None:
+        return _centred(use.rule.grads(use, delta), mean)
+    norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(x, delta)
+    centre = norms.shape[0] * jnp.sum(jnp.square(mean.astype(jnp.float32)))
+    return _LeafStats(norms, jnp.maximum(jnp.sum(norms) - centre, 0.0))
+
+
+def ghost_dispersion(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, *, warn: bool
+) -> DispersionStats:
+    """``gradient_dispersion`` by ghost norms; see the module docstring."""
+    leaves = jax.tree_util.tree_leaves(params)
+    example_leaves = jax.tree_util.tree_leaves(batch)
+    size = example_leaves[0].shape[0]
+    traced = _trace(loss_fn, params, batch)
+    one = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in example_leaves]
+    plan = _discover(traced, leaves, one)
+    if warn and plan.unsupported:
+        names = ", ".join(jax.tree_util.keystr(p) for p in _paths(params, plan.unsupported))
+        _warn_once(
+            "method='ghost': no ghost rule covers parameters "
+            f"{names}; their per-example gradients are materialised (exactly)"
+        )
+    backward = _backward(traced, plan, leaves, example_leaves)
+    stats = {
+        leaf: _fast_leaf(plan.uses[u], backward, u, backward.mean_grad[leaf])
+        for leaf, u in plan.fast.items()
+    }
+    if plan.materialised:
+        grads = materialise(
+            plan, traced.jaxpr, traced.consts, leaves, backward.captured, backward.deltas
+        )
+        stats |= {leaf: _centred(g, backward.mean_grad[leaf]) for leaf, g in grads.items()}
+
+    zero = jnp.zeros((), jnp.float32)
+    layer = [stats[i].m2 / size if i in stats else zero for i in range(len(leaves))]
+    sq_norms = functools.reduce(
+        jnp.add, (s.sq_norms for s in stats.values()), jnp.zeros((size,), jnp.float32)
+    )
+    return DispersionStats(
+        loss=jnp.mean(backward.losses),
+        grad=jax.tree_util.tree_unflatten(traced.treedef, backward.mean_grad),
+        sq_norms=sq_norms,
+        dispersion=functools.reduce(jnp.add, layer),
+        layer_dispersion=jax.tree_util.tree_unflatten(traced.treedef, layer),
+    )
+
+
+def _paths(params: PyTree, leaves: set[int]):
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [paths[i] for i in sorted(leaves)]

@@ -1,0 +1,163 @@
+"""The ghost rules, tried in order, and the plan that assigns one to every leaf."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen._ghost.interpreter import EXAMPLE, Interpreter, Use
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How a leaf used once, in an equation ``matches`` accepts, gets its statistics.
+
+    ``sq_norms(use, x, delta)`` gives ``‖g_i‖²`` from one example's operand ``x`` and
+    output gradient ``delta`` without ``g_i`` (a ghost rule); ``grads(use, delta)`` gives
+    the batch of ``g_i`` for the leaf straight from the probes. A rule with neither
+    materialises ``g_i`` from the equation's VJP; ``warn`` names such leaves in the
+    warning of ``method="ghost"``.
+    """
+
+    matches: Callable[[Use], bool]
+    sq_norms: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
+    grads: Callable[[Use, jax.Array], jax.Array] | None = None
+    warn: bool = False
+
+    @property
+    def fast(self) -> bool:
+        return self.sq_norms is not None or self.grads is not None
+
+
+def is_dense(use: Use) -> bool:
+    if not use.single_view or use.eqn.primitive.name != "dot_general":
+        return False
+    (_, _), (lhs_batch, rhs_batch) = use.eqn.params["dimension_numbers"]
+    return not lhs_batch and not rhs_batch
+
+
+def dense_sq_norm(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
+    """``‖xᵀ δ‖²`` for one example, in the Goodfellow or Gram form, or materialised."""
+    eqn, x_position = use.eqn, use.example_positions[0]
+    (contract_lhs, contract_rhs), _ = eqn.params["dimension_numbers"]
+    x_contract = contract_lhs if x_position == 0 else contract_rhs
+    x_free = [d for d in range(x.ndim) if d not in x_contract]
+    w_aval = eqn.invars[1 - x_position].aval
+    w_contract = contract_rhs if x_position == 0 else contract_lhs
+    num_w_free = w_aval.ndim - len(w_contract)
+    rows = math.prod(x.shape[d] for d in x_free)
+    xm = jnp.transpose(x, x_free + list(x_contract)).reshape(rows, -1)
+    # dot_general output: lhs free dims, then rhs free dims.
+    if x_position == 0:
+        delta_order = list(range(delta.ndim))
+    else:
+        delta_order = list(range(num_w_free, delta.ndim)) + list(range(num_w_free))
+    dm = jnp.transpose(delta, delta_order).reshape(rows, -1)
+    return product_sq_norm(xm, dm)
+
+
+def product_sq_norm(xm: jax.Array, dm: jax.Array) -> jax.Array:
+    """``‖xmᵀ dm‖²`` for ``xm (T, K)``, ``dm (T, N)``, by the cheapest exact form."""
+    xm, dm = xm.astype(jnp.float32), dm.astype(jnp.float32)
+    rows, k, n = xm.shape[0], xm.shape[1], dm.shape[1]
+    if rows == 1:
+        return jnp.sum(jnp.square(xm)) * jnp.sum(jnp.square(dm))
+    if rows * (k + n) <= k * n:
+        return jnp.sum((xm @ xm.T) * (dm @ dm.T))
+    return jnp.sum(jnp.square(xm.T @ dm))
+
+
+def is_embedding(use: Use) -> bool:
+    """``table[indices]`` with a 2-D table: one row per index, the row as the last axis."""
+    eqn = use.eqn
+    if not use.single_view or eqn.primitive.name != "gather" or use.param_positions != (0,):
+        return False
+    table, indices = (v.aval for v in eqn.invars)
+    dims = eqn.params["dimension_numbers"]
+    out_ndim = len(eqn.outvars[0].aval.shape)
+    return (
+        table.ndim == 2
+        and tuple(dims.collapsed_slice_dims) == (0,)
+        and tuple(dims.start_index_map) == (0,)
+        and tuple(dims.offset_dims) == (out_ndim - 1,)
+        and tuple(eqn.params["slice_sizes"]) == (1, table.shape[1])
+        and indices.shape[-1] == 1
+        and not getattr(dims, "operand_batching_dims", ())
+    )
+
+
+def embedding_sq_norm(use: Use, indices: jax.Array, delta: jax.Array) -> jax.Array:
+    """``‖Σ_t e_{k_t} δ_tᵀ‖² = Σ_{t,s} 1[k_t = k_s] δ_t·δ_s`` for one example."""
+    del use
+    keys = indices.reshape(-1)
+    rows = delta.reshape(keys.shape[0], -1).astype(jnp.float32)
+    same = keys[:, None] == keys[None, :]
+    return jnp.sum(jnp.where(same, rows @ rows.T, 0.0))
+
+
+def is_bias(use: Use) -> bool:
+    """A leaf added to (or subtracted from) example data of the same rank."""
+    if not use.single_view or use.eqn.primitive.name not in ("add", "add_any", "sub"):
+        return False
+    operand = use.eqn.invars[use.param_positions[0]].aval
+    return operand.ndim == use.eqn.outvars[0].aval.ndim
+
+
+def bias_grads(use: Use, delta: jax.Array) -> jax.Array:
+    """``g_i = ±δ_i`` summed over the axes the bias was broadcast along."""
+    operand = use.eqn.invars[use.param_positions[0]].aval.shape
+    axes = tuple(
+        i + 1 for i, (p, o) in enumerate(zip(operand, delta.shape[1:], strict=True)) if p < o
+    )
+    grads = jnp.sum(delta, axis=axes) if axes else delta
+    negative = use.eqn.primitive.name == "sub" and use.param_positions == (1,)
+    return -grads if negative else grads
+
+
+QUIETLY_MATERIALISED = ("add", "add_any", "sub", "mul", "conv_general_dilated")
+
+RULES: dict[str, Rule] = {
+    "dense": Rule(is_dense, sq_norms=dense_sq_norm),
+    "embedding": Rule(is_embedding, sq_norms=embedding_sq_norm),
+    "bias": Rule(is_bias, grads=bias_grads),
+    # Gains and convolution kernels: exact per-example gradients of that leaf alone.
+    "materialised": Rule(lambda use: use.eqn.primitive.name in QUIETLY_MATERIALISED),
+    "generic": Rule(lambda use: True, warn=True),
+}
+
+
+@dataclasses.dataclass
+class Plan:
+    uses: list[Use]
+    fast: dict[int, int]  # leaf -> the id of its one use, handled by a fast rule
+    materialised: list[int]  # leaves whose per-example gradients are materialised
+    unsupported: set[int]  # the materialised leaves that no rule covers (warned about)
+
+
+def make_plan(jaxpr, consts, leaves, example_leaves) -> Plan:
+    """Run the program once (abstractly), give each use its rule and each leaf its path."""
+    interpreter = Interpreter()
+    outs = interpreter.run(jaxpr, consts, leaves, example_leaves)
+    if outs[0].kind != EXAMPLE:
+        raise ValueError("loss_fn(params, example) must depend on both params and example")
+    uses, derived = interpreter.uses, interpreter.derived
+    for use in uses:
+        use.rule = next(rule for rule in RULES.values() if rule.matches(use))
+    uses_of: dict[int, list[int]] = {}
+    for u, use in enumerate(uses):
+        for leaf in use.leaves:
+            uses_of.setdefault(leaf, []).append(u)
+    plan = Plan(uses, {}, [], set())
+    for leaf, ids in sorted(uses_of.items()):
+        shared = len(ids) > 1 or leaf in derived
+        if not shared and uses[ids[0]].rule.fast:
+            plan.fast[leaf] = ids[0]
+            continue
+        plan.materialised.append(leaf)
+        if shared or any(uses[u].rule.warn for u in ids):
+            plan.unsupported.add(leaf)
+    return plan
