@@ -5,7 +5,7 @@
 Both are SGD updates on the same model and minibatch, run as the trainer runs them: 20
 in one jitted ``lax.scan`` (so Python dispatch is not what is measured), or one jitted
 update per call for models with convolutions; the table gives the time per update. The
-tracking step is the one ``jaxgen.experiments.train`` runs: ``gradient_dispersion`` gives
+tracking step is the one ``jaxgen.experiments.step`` runs: ``gradient_dispersion`` gives
 the loss, the mean gradient for the update and ``V_t`` together; the plain step uses
 ``value_and_grad``. Target: tracking <= 1.10x the plain step. Prints a table and writes
 ``benchmarks/results/tracking.json``.
@@ -20,7 +20,6 @@ import optax
 from _common import cnn, interleaved_medians, machine, mean_loss, mlp, save, transformer
 
 import jaxgen
-from jaxgen.experiments import train
 
 LR = 0.01
 SCAN_STEPS = 20
@@ -31,12 +30,14 @@ def mnist1d_mlp(key):
     return mlp(key, sizes=(40, 512, 10))
 
 
+# name: (builder, batch size, has convolutions: stepped one update per call, as the
+# trainer steps the models whose ModelSpec says convolutional)
 MODELS = {
-    "MLP 40-512-10 (demo)": (mnist1d_mlp, 64),
-    "MLP 784-512-10 (paper, MNIST)": (lambda key: mlp(key, sizes=(784, 512, 10)), 60),
-    "MLP 784-1024-1024-10": (mlp, 128),
-    "CNN 32x32x3": (cnn, 60),
-    "Transformer block T=32": (transformer, 64),
+    "MLP 40-512-10 (demo)": (mnist1d_mlp, 64, False),
+    "MLP 784-512-10 (paper, MNIST)": (lambda key: mlp(key, sizes=(784, 512, 10)), 60, False),
+    "MLP 784-1024-1024-10": (mlp, 128, False),
+    "CNN 32x32x3": (cnn, 60, True),
+    "Transformer block T=32": (transformer, 64, False),
 }
 
 
@@ -84,12 +85,10 @@ def main() -> None:
     header = f"{'model':<32}{'batch':>6}  {'step':<20}{'ms':>9}{'× plain':>9}"
     print(header)
     print("-" * len(header))
-    for name, (build, size) in MODELS.items():
+    for name, (build, size, loops) in MODELS.items():
         params, loss_fn, make_batch = build(jax.random.key(0))
         batch = make_batch(jax.random.key(1), size)
         methods = ("ghost",) if name.startswith("MLP 784-1024") else ("ghost", "vmap")
-        example = jax.tree_util.tree_map(lambda x: x[0], batch)
-        loops = train.uses_convolution(loss_fn, params, example)
         optimizer, steps, per_call = _steps(loss_fn, methods, loops=loops)
         state = optimizer.init(params)
         medians = interleaved_medians(

@@ -4,6 +4,8 @@ import re
 import pytest
 
 from jaxgen import cli
+from jaxgen.experiments import methods
+from jaxgen.experiments.config import TrainConfig
 
 TINY = [
     "--epochs",
@@ -52,19 +54,21 @@ def test_sweep_runs_each_value_and_draws_figure_1(tmp_path):
     assert (tmp_path / "figure1.png").exists() and (tmp_path / "width=4" / "result.json").exists()
 
 
-def test_presets_fill_in_the_papers_settings():
-    args = cli._parser().parse_args(["bound", "--preset", "paper-mnist-mlp", "--epochs", "3"])
-    config = cli._config(args)
-    assert (config.dataset, config.model, config.width) == ("mnist", "mlp", 512)
-    assert (config.batch_size, config.lr, config.epochs) == (60, 0.01, 3)  # --epochs overrides
-    alexnet = cli._config(cli._parser().parse_args(["bound", "--preset", "paper-cifar10-alexnet"]))
-    assert (alexnet.dataset, alexnet.model, alexnet.epochs, alexnet.batch_size, alexnet.lr) == (
-        "cifar10",
-        "alexnet",
-        200,
+def test_presets_then_flags_then_the_method_make_the_config():
+    args = cli._parser().parse_args(
+        ["bound", "--preset", "paper-mnist-mlp", "--epochs", "3", "--method", "gmp",
+         "--gmp-sigma", "0.05", "--dispersion-method", "vmap", "--lr-milestones", "1,2"]
+    )  # fmt: skip
+    config = cli.config_from_args(args)
+    assert (config.dataset, config.model, config.width, config.batch_size) == (
+        "mnist",
+        "mlp",
+        512,
         60,
-        0.001,
     )
+    assert (config.lr, config.epochs, config.lr_milestones) == (0.01, 3, (1, 2))
+    assert config.method == methods.GMP(sigma=0.05) and config.dispersion_method == "vmap"
+    assert cli.config_from_args(cli._parser().parse_args(["bound"])) == TrainConfig()
 
 
 @pytest.mark.parametrize(
@@ -78,7 +82,19 @@ def test_presets_fill_in_the_papers_settings():
         (["sweep"], "one of the arguments --widths --noise-levels is required"),
         (["nonsense"], "invalid choice"),
         ([], "the following arguments are required"),
-        (["bound", "--momentum", "1.5", *TINY], r"momentum must lie in [0, 1), got 1.5"),
+        (["bound", "--momentum", "1.5"], r"--momentum: must lie in [0, 1), got 1.5"),
+        (["bound", "--method", "sgd"], "--method: invalid choice: 'sgd'"),
+        (["bound", "--dispersion-method", "exact"], "invalid choice: 'exact'"),
+        (["bound", "--gmp-rho", "2"], r"--gmp-rho: must lie in [0, 1], got 2"),
+        (["bound", "--gmp-sigma", "0.1"], "--gmp-sigma applies to --method gmp, not to erm"),
+        (
+            ["bound", "--method", "dgc", "--gmp-samples", "2"],
+            "--gmp-samples applies to --method gmp",
+        ),
+        (
+            ["bound", "--num-train", "100000", "--out", "/nonexistent/never"],
+            "num_train must be <= the 4000 training",
+        ),
         (["bound", "--model", "alexnet", *TINY], "model alexnet: model alexnet needs image inputs"),
         (
             ["bound", "--dataset", "cifar10", "--data-dir", "/nonexistent", *TINY],

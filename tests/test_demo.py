@@ -1,12 +1,17 @@
 """The demo's verdicts, on synthetic curves whose answer is known."""
 
+import collections
+
 import numpy as np
 
 from jaxgen.experiments import demo
+from jaxgen.experiments.results import EpochMetrics
+
+Run = collections.namedtuple("Run", "gap eq2_bound")
 
 
 def _epochs(values):
-    return [{"epoch": i + 1, "dispersion": v} for i, v in enumerate(values)]
+    return [EpochMetrics(i + 1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, v) for i, v in enumerate(values)]
 
 
 def test_double_descent_is_detected_when_present():
@@ -24,7 +29,7 @@ def test_double_descent_is_not_claimed_for_a_monotone_fall_or_a_single_dip():
 
 
 def _runs(gaps, bound_values):
-    return [{"gap": g, "eq2_bound": b} for g, b in zip(gaps, bound_values, strict=True)]
+    return [Run(g, b) for g, b in zip(gaps, bound_values, strict=True)]
 
 
 def test_trend_sentence_counts_agreeing_steps():
@@ -37,7 +42,7 @@ def test_trend_sentence_counts_agreeing_steps():
 
 
 def test_implication_sentences_do_not_overclaim():
-    rows = lambda accs: [{"test_accuracy": a} for a in accs]  # noqa: E731
+    rows = lambda accs: [EpochMetrics(1, 0, 0, 0, a, 0, 0, 0) for a in accs]  # noqa: E731
     lines = demo.implication_lines(
         [("clipping", rows([0.40, 0.50, 0.43]), rows([0.45, 0.505, 0.48]))]
     )

@@ -28,7 +28,7 @@ def test_shapes_and_width(name, shape, small, large):
     batch = jnp.ones((2, *shape))
     outputs = model(batch)
     single = model(batch[0])
-    expected = (2,) if name in models.REGRESSION_MODELS else (2, 10)
+    expected = (2,) if models.SPECS[name].regression else (2, 10)
     assert outputs.shape == expected and single.shape == expected[1:]
     np.testing.assert_allclose(single, outputs[0], rtol=1e-4, atol=1e-5)
     assert _count(models.build(name, shape, 10, large)) > _count(model)
@@ -50,14 +50,19 @@ def test_alexnet_matches_the_classic_cifar_sizes():
 
 def test_squared_loss_targets_and_correctness():
     model = models.build("linear", (3,), 10, 1)
-    loss_fn, params, graphdef = models.classifier_loss(model)
+    loss_fn, params, merge = models.per_example_loss("linear", model)
     params = jax.tree_util.tree_map(lambda _: jnp.array([1.0, 0.0, 0.0]), params)
     example = {"x": jnp.array([0.5, 0.0, 0.0]), "y": jnp.int32(3)}  # odd -> target −1
     np.testing.assert_allclose(loss_fn(params, example), 0.5 * (-1 - 0.5) ** 2)
-    correct = models.correct(
-        graphdef, params, jnp.array([[0.5, 0, 0], [-0.5, 0, 0]]), jnp.array([2, 3])
-    )
-    assert correct.tolist() == [True, True]
+    outputs = merge(params)(jnp.array([[0.5, 0, 0], [-0.5, 0, 0]]))
+    assert models.correct(outputs, jnp.array([2, 3])).tolist() == [True, True]
+    logits = jnp.array([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    assert models.correct(logits, jnp.array([1, 2])).tolist() == [True, False]
+
+
+def test_only_convolutional_models_are_stepped_one_update_at_a_time():
+    looped = [name for name, spec in models.SPECS.items() if spec.convolutional]
+    assert looped == ["alexnet", "vgg16", "preactresnet18"]
 
 
 def test_image_models_need_images():

@@ -1,9 +1,13 @@
+import collections
 import json
 
 import numpy as np
 import pytest
 
 from jaxgen.experiments import report
+from jaxgen.experiments.results import EpochMetrics
+
+Run = collections.namedtuple("Run", "eq2_bound gap")
 
 
 def test_json_is_written_atomically_and_a_failed_write_keeps_the_old_file(tmp_path):
@@ -21,17 +25,11 @@ def test_npz_and_figures(tmp_path):
     report.write_npz_atomic(tmp_path / "steps.npz", lrs=np.ones(3))
     np.testing.assert_array_equal(np.load(tmp_path / "steps.npz")["lrs"], np.ones(3))
     rows = [
-        {
-            "epoch": e,
-            "dispersion": 10.0 / e,
-            "train_accuracy": 0.1 * e,
-            "test_accuracy": 0.05 * e,
-            "train_accuracy_noisy": 0.02 * e,
-        }
+        EpochMetrics(e, 1.0, 2.0, 0.1 * e, 0.05 * e, 0.1 * e, 0.02 * e, 10.0 / e)
         for e in range(1, 6)
     ]
     assert report.dispersion_figure(rows, tmp_path / "f2.png").stat().st_size > 1000
-    runs = [{"eq2_bound": 1.0, "gap": 0.1}, {"eq2_bound": 2.0, "gap": -0.1}]  # a negative gap
+    runs = [Run(eq2_bound=1.0, gap=0.1), Run(eq2_bound=2.0, gap=-0.1)]  # a negative gap
     assert report.sweep_figure(
         [8, 16], runs, tmp_path / "f1.png", xlabel="width", log_x=True
     ).exists()

@@ -116,8 +116,23 @@ def load(name: str, *, data_dir: str | None = None, seed: int = 42) -> Dataset:
     return tfds_dataset(name, data_dir=data_dir)
 
 
+def first(dataset: Dataset, count: int) -> Dataset:
+    """The first ``count`` training examples (the test split unchanged)."""
+    keep = slice(0, count)
+    return dataset._replace(
+        x_train=dataset.x_train[keep],
+        y_train=dataset.y_train[keep],
+        y_train_clean=dataset.y_train_clean[keep],
+        noisy_mask=dataset.noisy_mask[keep],
+    )
+
+
 def with_label_noise(
-    dataset: Dataset, rate: float, *, seed: int, always_wrong: bool = False
+    dataset: Dataset,
+    rate: float,
+    *,
+    seed: int | np.random.Generator,
+    always_wrong: bool = False,
 ) -> Dataset:
     """Corrupt training labels: each with probability ``rate`` gets a random class.
 
@@ -125,7 +140,8 @@ def with_label_noise(
     classes, so it equals the old one with probability ``1/C``. ``always_wrong=True``:
     uniform over the other ``C − 1`` classes, so exactly the selected labels change.
     Test labels are untouched; ``y_train_clean`` keeps the original labels and
-    ``noisy_mask`` marks the labels that differ from them.
+    ``noisy_mask`` marks the labels that differ from them. ``seed``: an integer or a
+    NumPy generator.
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label noise rate must lie in [0, 1], got {rate!r}")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from jaxgen.experiments import report, train
+from jaxgen.experiments import loop, methods, report
+from jaxgen.experiments.config import TrainConfig
+from jaxgen.experiments.results import EpochMetrics, RunResult
 
 R = 0.1
 
@@ -25,16 +27,16 @@ R = 0.1
 class DemoPlan:
     widths: tuple[int, ...]
     noise_levels: tuple[float, ...]
-    sweep: train.TrainConfig  # the base of both sweeps
+    sweep: TrainConfig  # the base of both sweeps
     sweep_width: int  # the width of the noise sweep
     width_noise: float  # the label noise of the width sweep
-    dynamics: train.TrainConfig  # the long noisy run of Figure 2
+    dynamics: TrainConfig  # the long noisy run of Figure 2
     dgc_start: int  # T_c of dynamic gradient clipping, in epochs
 
 
 def plan(quick: bool) -> DemoPlan:
     if quick:
-        base = train.TrainConfig(
+        base = TrainConfig(
             epochs=3,
             batch_size=50,
             lr=0.1,
@@ -52,7 +54,7 @@ def plan(quick: bool) -> DemoPlan:
             dataclasses.replace(base, epochs=4, width=32, label_noise=0.2),
             1,
         )
-    base = train.TrainConfig(
+    base = TrainConfig(
         epochs=100,
         batch_size=64,
         lr=0.1,
@@ -78,13 +80,13 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
         say(f"replacing the previous demo's runs in {out / 'runs'}")
         shutil.rmtree(out / "runs")
 
-    finished: dict[train.TrainConfig, dict[str, Any]] = {}
+    finished: dict[TrainConfig, RunResult] = {}
 
-    def one(config: train.TrainConfig, folder: str) -> dict[str, Any]:
+    def one(config: TrainConfig, folder: str) -> RunResult:
         if config in finished:  # the noise sweep's p = 0 run is a width-sweep run
             return finished[config]
         say(f"[{time.perf_counter() - started:5.0f} s] {folder}")
-        finished[config] = train.run(config, out / "runs" / folder, progress=False)
+        finished[config] = loop.run(config, out / "runs" / folder)
         return finished[config]
 
     width_runs = [
@@ -102,31 +104,29 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
         for p in settings.noise_levels
     ]
     dynamics = one(settings.dynamics, "dynamics")
-    epochs = _read_metrics(out / "runs" / "dynamics" / "metrics.csv")
-    comparisons = []  # (label, baseline folder, regularized folder) for Section 5's table
+    epochs = dynamics.epochs
+    implications = []  # (label, baseline epochs, regularized epochs) for Section 5's table
     for p in settings.noise_levels:
         if 0 < p <= 0.4:  # the paper's settings for Algorithm 1: noise 0.2 and 0.4
             config = dataclasses.replace(settings.sweep, width=settings.sweep_width, label_noise=p)
-            one(
-                dataclasses.replace(config, regularizer="dgc", dgc_start_epoch=settings.dgc_start),
-                f"dgc-noise={p}",
+            clipped = dataclasses.replace(
+                config, method=methods.DGC(start_epoch=settings.dgc_start)
             )
-            comparisons.append(
-                (f"dynamic gradient clipping, label noise {p}", f"noise={p}", f"dgc-noise={p}")
+            implications.append(
+                (
+                    f"dynamic gradient clipping, label noise {p}",
+                    one(config, f"noise={p}").epochs,
+                    one(clipped, f"dgc-noise={p}").epochs,
+                )
             )
     config = dataclasses.replace(settings.sweep, width=settings.sweep_width, label_noise=0.0)
-    one(dataclasses.replace(config, regularizer="gmp"), "gmp")
-    comparisons.append(
-        ("GMP (k=3, σ=0.03, ρ=0.5), no label noise", f"width={settings.sweep_width}", "gmp")
-    )
-    implications = [
+    implications.append(
         (
-            label,
-            _read_metrics(out / "runs" / base / "metrics.csv"),
-            _read_metrics(out / "runs" / regularized / "metrics.csv"),
+            "GMP (k=3, σ=0.03, ρ=0.5), no label noise",
+            one(config, f"width={settings.sweep_width}").epochs,
+            one(dataclasses.replace(config, method=methods.GMP()), "gmp").epochs,
         )
-        for label, base, regularized in comparisons
-    ]
+    )
 
     report.sweep_figure(
         settings.widths,
@@ -162,13 +162,6 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
     return path
 
 
-def _read_metrics(path: Path) -> list[dict[str, float]]:
-    import csv
-
-    with open(path) as stream:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(stream)]
-
-
 def _ranks(values) -> np.ndarray:
     return np.argsort(np.argsort(np.asarray(values, np.float64))).astype(np.float64)
 
@@ -182,8 +175,8 @@ def spearman(a, b) -> float:
 
 
 def trend_sentence(setting: str, values, runs) -> str:
-    gaps = [r["gap"] for r in runs]
-    bound_values = [r["eq2_bound"] for r in runs]
+    gaps = [r.gap for r in runs]
+    bound_values = [r.eq2_bound for r in runs]
     steps = len(values) - 1
     same = sum(
         np.sign(gaps[i + 1] - gaps[i]) == np.sign(bound_values[i + 1] - bound_values[i])
@@ -201,9 +194,9 @@ def trend_sentence(setting: str, values, runs) -> str:
     )
 
 
-def double_descent(epochs: list[dict[str, float]]) -> tuple[bool, str]:
+def double_descent(epochs: Sequence[EpochMetrics]) -> tuple[bool, str]:
     """Whether the dispersion falls, rises to a peak and falls again (smoothed over 5 epochs)."""
-    values = np.asarray([row["dispersion"] for row in epochs], np.float64)
+    values = np.asarray([row.dispersion for row in epochs], np.float64)
     if values.size < 8:
         return (
             False,
@@ -240,10 +233,9 @@ def _table(setting: str, values, runs) -> list[str]:
     ]
     for value, r in zip(values, runs, strict=True):
         lines.append(
-            f"| {value} | {r['train_accuracy']:.3f} | {r['test_accuracy']:.3f} | {r['gap']:.4f} | "
-            f"{r['eq2_bound']:.4f} | {r['theorem1_bound']:.4f} | {r['neu2021_bound']:.4f} | "
-            f"{r['sum_lr2_variance']:.3g} | "
-            f"{r['hessian_trace']:.3g} ± {r['hessian_trace_stderr']:.2g} |"
+            f"| {value} | {r.train_accuracy:.3f} | {r.test_accuracy:.3f} | {r.gap:.4f} | "
+            f"{r.eq2_bound:.4f} | {r.theorem1_bound:.4f} | {r.neu2021_bound:.4f} | "
+            f"{r.sum_lr2_variance:.3g} | {r.hessian_trace:.3g} ± {r.hessian_trace_stderr:.2g} |"
         )
     return lines
 
@@ -264,8 +256,8 @@ def implication_lines(implications) -> list[str]:
     ]
     sentences = []
     for label, without, with_ in implications:
-        final = (without[-1]["test_accuracy"], with_[-1]["test_accuracy"])
-        best = (max(r["test_accuracy"] for r in without), max(r["test_accuracy"] for r in with_))
+        final = (without[-1].test_accuracy, with_[-1].test_accuracy)
+        best = (max(r.test_accuracy for r in without), max(r.test_accuracy for r in with_))
         lines.append(
             f"| {label} | {final[0]:.3f} / {best[0]:.3f} | {final[1]:.3f} / {best[1]:.3f} |"
         )
@@ -282,14 +274,14 @@ def _report(
 ) -> str:
     base = settings.sweep
     runs = list({id(r): r for r in [*width_runs, *noise_runs, dynamics]}.values())  # distinct
-    above = sum(r["eq2_bound"] >= r["gap"] for r in runs)
+    above = sum(r.eq2_bound >= r.gap for r in runs)
     _, descent = double_descent(epochs)
     lines = [
         "# jaxgen demo: Wang & Mao (ICLR 2022) on MNIST-1D",
         "",
         f"MLP 40-width-10 trained with {base.optimizer_description}, learning rate {base.lr}, "
         f"batch {base.batch_size}, {base.epochs} epochs per sweep run (the Figure 2 run: "
-        f"{settings.dynamics.epochs}); n = {width_runs[0]['n']} training examples, "
+        f"{settings.dynamics.epochs}); n = {width_runs[0].n} training examples, "
         f"{'generated offline by mnist1d'}. The gap is test − train cross-entropy on the full "
         f"splits (test labels are never noisy). Bounds use R = {R} (the authors' choice: "
         "cross-entropy is unbounded, so R is an assumption, not a property of the loss), "

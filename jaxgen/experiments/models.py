@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import jaxgen.nnx
-
-MODELS = ("linear", "two-layer-relu", "mlp", "alexnet", "vgg16", "preactresnet18")
-REGRESSION_MODELS = ("linear", "two-layer-relu")
 
 
 def _unbatched(call):
@@ -199,33 +196,66 @@ class PreActResNet18(nnx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+class ModelSpec(NamedTuple):
+    """What the experiments need to know about a model besides its code.
+
+    ``convolutional``: the training loop steps it one jitted update at a time instead of
+    scanning (XLA:CPU runs convolutions inside loops up to 40× slower; ``step.py``).
+    ``regression``: the squared loss on ±1 targets of Theorems 2 and 3, unit-norm inputs.
+    ``images``: it needs (H, W, C) inputs.
+    """
+
+    make: Callable[[tuple[int, ...], int, int, nnx.Rngs], nnx.Module]
+    convolutional: bool = False
+    regression: bool = False
+    images: bool = False
+
+
+SPECS: dict[str, ModelSpec] = {
+    "linear": ModelSpec(
+        lambda shape, classes, width, rngs: Linear(math.prod(shape), rngs=rngs), regression=True
+    ),
+    "two-layer-relu": ModelSpec(
+        lambda shape, classes, width, rngs: TwoLayerReLU(math.prod(shape), width, rngs=rngs),
+        regression=True,
+    ),
+    "mlp": ModelSpec(
+        lambda shape, classes, width, rngs: MLP([math.prod(shape), width, classes], rngs=rngs)
+    ),
+    "alexnet": ModelSpec(
+        lambda shape, classes, width, rngs: AlexNet(shape, classes, width, rngs=rngs),
+        convolutional=True,
+        images=True,
+    ),
+    "vgg16": ModelSpec(
+        lambda shape, classes, width, rngs: VGG16(shape[-1], classes, width, rngs=rngs),
+        convolutional=True,
+        images=True,
+    ),
+    "preactresnet18": ModelSpec(
+        lambda shape, classes, width, rngs: PreActResNet18(shape[-1], classes, width, rngs=rngs),
+        convolutional=True,
+        images=True,
+    ),
+}
+MODELS = tuple(SPECS)
+
+
 def build(
     name: str, input_shape: Sequence[int], num_classes: int, width: int, *, seed: int = 0
 ) -> nnx.Module:
     """A model by name. ``width``: hidden units (linear: ignored; two-layer ReLU: ``m``;
     MLP: the hidden layer), or base channels (AlexNet, VGG16, PreActResNet18)."""
+    if name not in SPECS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
-    rngs = nnx.Rngs(seed)
-    features = math.prod(input_shape)
-    if name == "linear":
-        return Linear(features, rngs=rngs)
-    if name == "two-layer-relu":
-        return TwoLayerReLU(features, width, rngs=rngs)
-    if name == "mlp":
-        return MLP([features, width, num_classes], rngs=rngs)
-    if len(input_shape) != 3:
+    spec = SPECS[name]
+    if spec.images and len(input_shape) != 3:
         raise ValueError(
             f"model {name} needs image inputs (H, W, C), got shape {tuple(input_shape)}"
         )
-    channels = input_shape[-1]
-    if name == "alexnet":
-        return AlexNet(tuple(input_shape), num_classes, width, rngs=rngs)
-    if name == "vgg16":
-        return VGG16(channels, num_classes, width, rngs=rngs)
-    if name == "preactresnet18":
-        return PreActResNet18(channels, num_classes, width, rngs=rngs)
-    raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+    return spec.make(tuple(input_shape), num_classes, width, nnx.Rngs(seed))
 
 
 def squared_loss(output: jax.Array, label: jax.Array) -> jax.Array:
@@ -234,43 +264,14 @@ def squared_loss(output: jax.Array, label: jax.Array) -> jax.Array:
     return 0.5 * (target - output) ** 2
 
 
-def classifier_loss(model: nnx.Module) -> tuple[Callable[[Any, Any], jax.Array], Any, Any]:
-    """Split ``model`` once into ``(loss_fn, params, graphdef)``.
-
-    ``loss_fn(params, example)`` is the per-example loss of
-    ``example = {"x": features, "y": label}``: cross-entropy, or ``squared_loss`` for
-    the regression models of Theorems 2 and 3. It merges the model inside, so it is a
-    pure function of ``params`` as every jaxgen estimator requires. Non-parameter state
-    (BatchNorm running statistics, fixed output signs) is held fixed; ``graphdef`` is
-    returned with that state so ``predict`` can merge the model back.
-    """
-    jaxgen.nnx.refuse_training_batchnorm(model)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    pointwise = (
-        squared_loss if isinstance(model, Linear | TwoLayerReLU) else jaxgen.nnx.cross_entropy
-    )
-
-    def loss_fn(params, example):
-        output = nnx.merge(graphdef, params, rest)(example["x"])
-        return pointwise(output, example["y"])
-
-    return loss_fn, params, (graphdef, rest)
+def per_example_loss(name: str, model: nnx.Module) -> jaxgen.nnx.PerExampleLoss:
+    """``jaxgen.nnx.classifier_loss`` with the loss the model ``name`` is trained with."""
+    loss = squared_loss if SPECS[name].regression else jaxgen.nnx.cross_entropy
+    return jaxgen.nnx.classifier_loss(model, loss=loss)
 
 
-def predict(graphdef: Any, params: Any, x: jax.Array) -> jax.Array:
-    """Model outputs for a batch; ``graphdef`` as returned by ``classifier_loss``."""
-    definition, rest = graphdef
-    return nnx.merge(definition, params, rest)(x)
-
-
-def correct(graphdef: Any, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+def correct(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example correctness: argmax for classifiers, the sign of ``f`` for ±1 targets."""
-    output = predict(graphdef, params, x)
-    if output.ndim == 1:
-        return (output >= 0) == (jnp.mod(y, 2) == 0)
-    return jnp.argmax(output, axis=-1) == y
-
-
-def accuracy(graphdef: Any, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Top-1 accuracy; ``graphdef`` as returned by ``classifier_loss``."""
-    return jnp.mean(correct(graphdef, params, x, y))
+    if outputs.ndim == 1:
+        return (outputs >= 0) == (jnp.mod(labels, 2) == 0)
+    return jnp.argmax(outputs, axis=-1) == labels

@@ -64,25 +64,26 @@ def _save(figure, path: str | os.PathLike) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
-def dispersion_figure(epochs: Sequence[dict[str, float]], path, *, title: str = "") -> Path:
-    """Figure 2: gradient dispersion per epoch, with train and test accuracy."""
+def dispersion_figure(epochs: Sequence[Any], path, *, title: str = "") -> Path:
+    """Figure 2: gradient dispersion per epoch, with train and test accuracy.
+
+    ``epochs``: rows with the fields of ``results.EpochMetrics``.
+    """
     plt = _pyplot()
     figure, left = plt.subplots(figsize=(6, 3.5))
-    numbers = [row["epoch"] for row in epochs]
-    left.plot(numbers, [row["dispersion"] for row in epochs], color="tab:red", label="dispersion")
+    numbers = [row.epoch for row in epochs]
+    left.plot(numbers, [row.dispersion for row in epochs], color="tab:red", label="dispersion")
     left.set_xlabel("epoch")
     left.set_ylabel("gradient dispersion (1/b) Σ‖g_i − ḡ‖²", color="tab:red")
     right = left.twinx()
     right.plot(
-        numbers, [row["train_accuracy"] for row in epochs], color="tab:blue", label="train acc."
+        numbers, [row.train_accuracy for row in epochs], color="tab:blue", label="train acc."
     )
-    right.plot(
-        numbers, [row["test_accuracy"] for row in epochs], color="tab:green", label="test acc."
-    )
-    if any(math.isfinite(row.get("train_accuracy_noisy", math.nan)) for row in epochs):
+    right.plot(numbers, [row.test_accuracy for row in epochs], color="tab:green", label="test acc.")
+    if any(math.isfinite(row.train_accuracy_noisy) for row in epochs):
         right.plot(
             numbers,
-            [row["train_accuracy_noisy"] for row in epochs],
+            [row.train_accuracy_noisy for row in epochs],
             color="tab:blue",
             linestyle=":",
             label="train acc. (noisy labels)",
@@ -96,18 +97,21 @@ def dispersion_figure(epochs: Sequence[dict[str, float]], path, *, title: str = 
 
 def sweep_figure(
     values: Sequence[float],
-    results: Sequence[dict[str, Any]],
+    results: Sequence[Any],
     path,
     *,
     xlabel: str,
     title: str = "",
     log_x: bool = False,
 ) -> Path:
-    """Figure 1: the Eq. 2 bound and the measured gap against a swept setting (log y)."""
+    """Figure 1: the Eq. 2 bound and the measured gap against a swept setting (log y).
+
+    ``results``: ``RunResult`` values (or anything with ``eq2_bound`` and ``gap``).
+    """
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(values, [r["eq2_bound"] for r in results], "o-", label="bound (Eq. 2)")
-    axis.plot(values, [max(r["gap"], 1e-6) for r in results], "s-", label="gap (test − train loss)")
+    axis.plot(values, [r.eq2_bound for r in results], "o-", label="bound (Eq. 2)")
+    axis.plot(values, [max(r.gap, 1e-6) for r in results], "s-", label="gap (test − train loss)")
     axis.set_yscale("log")
     if log_x:
         axis.set_xscale("log", base=2)
@@ -115,3 +119,34 @@ def sweep_figure(
     axis.set_title(title)
     axis.legend()
     return _save(figure, path)
+
+
+def result_table(result: Any):
+    """A ``RunResult`` as a rich table: accuracies, losses, the gap and every bound."""
+    from rich.table import Table
+
+    table = Table(title=f"{result.model} on {result.dataset}, R = {result.R}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("optimizer", result.optimizer),
+        ("train / test accuracy", f"{result.train_accuracy:.3f} / {result.test_accuracy:.3f}"),
+        ("train / test loss", f"{result.train_loss:.4f} / {result.test_loss:.4f}"),
+        ("generalization gap (test − train loss)", f"{result.gap:.4f}"),
+        ("Σ_t λ_t² V_t  (V_t = dispersion / b)", f"{result.sum_lr2_variance:.4e}"),
+        (
+            f"Tr H on {result.hessian_trace_examples} train examples",
+            f"{result.hessian_trace:.3f} ± {result.hessian_trace_stderr:.3f}",
+        ),
+        ("Eq. 2 bound", f"{result.eq2_bound:.4f}"),
+        ("Eq. 2, time-varying σ_t", f"{result.eq2_time_varying_bound:.4f}"),
+        ("Theorem 1 at σ*, measured flatness", f"{result.theorem1_bound:.4f}"),
+        ("Neu et al. 2021 at σ*", f"{result.neu2021_bound:.4f}"),
+    ]
+    if result.theorem2_bound is not None:
+        rows.append(("Theorem 2", f"{result.theorem2_bound:.4f}"))
+    if result.theorem3_bound is not None:
+        rows.append(("Theorem 3", f"{result.theorem3_bound:.4f}"))
+    for row in rows:
+        table.add_row(*row)
+    return table

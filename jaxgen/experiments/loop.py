@@ -1,0 +1,224 @@
+"""``run``: one training run with the bounds of Wang & Mao (ICLR 2022) tracked online.
+
+The story of a run: prepare the data, build the model and the method's step, restore
+or start the state, train segment by segment (a segment ends at a checkpoint or an
+epoch's end; each epoch ends with an evaluation on the full splits and an estimate of
+``E‖H_z‖_F²``), then measure the final weights and write every bound. A non-finite loss
+or weight stops the run and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxgen
+from jaxgen.experiments import data, methods, models, results, rng
+from jaxgen.experiments.callbacks import Callback
+from jaxgen.experiments.checkpoint import Checkpoints
+from jaxgen.experiments.config import TrainConfig
+from jaxgen.experiments.estimates import Estimates
+from jaxgen.experiments.options import ConfigError
+from jaxgen.experiments.results import EpochMetrics, RunResult, StepLogs
+from jaxgen.experiments.step import Evaluator, TrainState, make_segment, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became non-finite; the last good checkpoint is kept."""
+
+
+def prepare_data(config: TrainConfig) -> data.Dataset:
+    """Load, subsample, make the regression task (Theorems 2/3) and add label noise."""
+    dataset = data.load(config.dataset, data_dir=config.data_dir, seed=config.data_seed)
+    if config.num_train is not None:
+        if config.num_train > dataset.num_train:
+            raise ConfigError(
+                f"num_train must be <= the {dataset.num_train} training examples of "
+                f"{config.dataset}, got {config.num_train}"
+            )
+        dataset = data.first(dataset, config.num_train)
+    if models.SPECS[config.model].regression:
+        dataset = data.binary_unit_norm(dataset)
+    if config.label_noise > 0:
+        noise = rng.numpy_rng(config.data_seed, rng.Stream.LABEL_NOISE)
+        dataset = data.with_label_noise(
+            dataset, config.label_noise, seed=noise, always_wrong=config.always_wrong
+        )
+    if config.batch_size > dataset.num_train:
+        raise ConfigError(
+            f"batch_size must be <= the {dataset.num_train} training examples, "
+            f"got {config.batch_size}"
+        )
+    return dataset
+
+
+def epoch_order(config: TrainConfig, epoch: int, n: int, steps_per_epoch: int) -> np.ndarray:
+    """The minibatches of an epoch, (steps_per_epoch, b), from the seed and epoch alone."""
+    permutation = np.random.default_rng([config.seed, epoch]).permutation(n)
+    return permutation[: steps_per_epoch * config.batch_size].reshape(steps_per_epoch, -1)
+
+
+def run(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
+    """Train ``config``; write ``result.json``, ``metrics.csv``, ``steps.npz`` and
+    ``dispersion.png`` to ``out_dir``; return the ``RunResult``."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    dataset = prepare_data(config)
+    n = dataset.num_train
+    steps_per_epoch = n // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    lrs = config.learning_rates(steps_per_epoch)
+
+    loss_fn, params, merge = _model(config, dataset)
+    active_fraction = None
+    if config.model == "two-layer-relu":
+        active_fraction = lambda params, x: merge(params).active_fraction(x)  # noqa: E731
+    optimizer = methods.optimizer(
+        config.method,
+        lrs,
+        momentum=config.momentum,
+        key=rng.key(config.seed, rng.Stream.GMP),
+        steps_per_epoch=steps_per_epoch,
+    )
+    train_step = make_train_step(
+        loss_fn,
+        optimizer,
+        config.method,
+        track_every=config.track_every,
+        dispersion_method=config.dispersion_method,
+        active_fraction=active_fraction,
+    )
+    segment = make_segment(train_step, scan=not models.SPECS[config.model].convolutional)
+    evaluator = Evaluator(loss_fn, lambda p, x: merge(p)(x), models.correct)
+    estimates = Estimates(config, dataset, loss_fn, active_fraction)
+
+    state = TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        optimizer.init(params),
+        rng.key(config.seed, rng.Stream.STEP),
+    )
+    checkpoints = Checkpoints(out_dir / "checkpoints")
+    state, logs = _start(checkpoints, state, config, resume=resume, out_dir=out_dir)
+    if not logs.frobenius:
+        logs.frobenius.append(estimates.hessian_frobenius_sq(state.params, 0))
+    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    checkpoint_every = config.checkpoint_every or steps_per_epoch
+    step = int(state.step)
+    for callback in callbacks:
+        callback.on_start(total_steps, step)
+    try:
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            end = min(steps_per_epoch, offset + checkpoint_every - step % checkpoint_every)
+            order = epoch_order(config, epoch, n, steps_per_epoch)[offset:end]
+            state, metrics = segment(state, {"x": x_train[order], "y": y_train[order]})
+            _stop_if_diverged(state, metrics, step, epoch, checkpoints)
+            logs.extend(metrics)
+            step += len(order)
+            if end == steps_per_epoch:
+                variances = logs.variances[-steps_per_epoch:]
+                row = _evaluate(
+                    evaluator, state.params, dataset, variances, epoch, config.batch_size
+                )
+                logs.epochs.append(row)
+                logs.frobenius.append(estimates.hessian_frobenius_sq(state.params, epoch + 1))
+                for callback in callbacks:
+                    callback.on_epoch(row)
+            if step % checkpoint_every == 0 or step == total_steps:
+                checkpoints.save(step, state, logs, config.as_dict())
+            dispersion = _nanmean(metrics.variance) * config.batch_size
+            for callback in callbacks:
+                callback.on_steps(
+                    len(order), epoch=epoch + 1, loss=float(metrics.loss[-1]), dispersion=dispersion
+                )
+    finally:
+        for callback in callbacks:
+            callback.on_end()
+
+    final = estimates.final(state.params, lrs, logs)
+    result = results.summarize(config, lrs, logs, final, n=n, version=jaxgen.__version__)
+    result = dataclasses.replace(result, seconds=time.perf_counter() - started)
+    title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
+    results.write(out_dir, result, lrs, logs, title=title)
+    return result
+
+
+def _model(config: TrainConfig, dataset: data.Dataset):
+    try:
+        model = models.build(
+            config.model,
+            dataset.x_train.shape[1:],
+            dataset.num_classes,
+            config.width,
+            seed=config.seed,
+        )
+        return models.per_example_loss(config.model, model)
+    except ValueError as error:
+        raise ConfigError(f"model {config.model}: {error}") from error
+
+
+def _start(checkpoints: Checkpoints, state: TrainState, config: TrainConfig, *, resume, out_dir):
+    """The initial state and logs, or those of the newest checkpoint with ``resume``."""
+    if not resume and checkpoints.latest_step() is not None:
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints of a run: pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if resume:
+        restored = checkpoints.restore(state, config.as_dict())
+        if restored is not None:
+            return restored
+    return state, StepLogs()
+
+
+def _stop_if_diverged(state, metrics, step: int, epoch: int, checkpoints: Checkpoints) -> None:
+    losses = np.asarray(metrics.loss, np.float64)
+    weights_finite = all(
+        bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(state.params)
+    )
+    if np.all(np.isfinite(losses)) and weights_finite:
+        return
+    first = np.flatnonzero(~np.isfinite(losses))
+    bad = step + (int(first[0]) + 1 if first.size else len(losses))
+    raise TrainingDiverged(
+        f"non-finite training loss or weights at step {bad} (epoch {epoch + 1}); the "
+        f"last good checkpoint (step {checkpoints.latest_step()}) is kept; lower --lr"
+    )
+
+
+def _nanmean(values) -> float:
+    """The mean of the finite values (untracked steps are NaN); NaN if there are none."""
+    values = np.asarray(values, np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _evaluate(evaluator, params, dataset, variances, epoch: int, batch_size: int) -> EpochMetrics:
+    """The full splits at the end of ``epoch``; ``variances``: the epoch's ``V_t``."""
+    train_losses, train_correct = evaluator(params, dataset.x_train, dataset.y_train)
+    test_losses, test_correct = evaluator(params, dataset.x_test, dataset.y_test)
+    noisy = dataset.noisy_mask
+    return EpochMetrics(
+        epoch=epoch + 1,
+        train_loss=float(train_losses.mean()),
+        test_loss=float(test_losses.mean()),
+        train_accuracy=float(train_correct.mean()),
+        test_accuracy=float(test_correct.mean()),
+        train_accuracy_clean=float(train_correct[~noisy].mean()) if (~noisy).any() else math.nan,
+        train_accuracy_noisy=float(train_correct[noisy].mean()) if noisy.any() else math.nan,
+        dispersion=_nanmean(variances) * batch_size,
+    )
