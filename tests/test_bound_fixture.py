@@ -5,6 +5,15 @@ configurations, recorded with the trainer of commit 77aed07 (``jaxgen/experiment
 train.py``, before it was split into config, methods, step, loop, results). The flags
 are translated to today's names: ``--regularizer`` became ``--method`` and the old
 ``--method`` (of the dispersion) ``--dispersion-method``.
+
+With the old random streams the reshaped code reproduced all seven bit for bit (commit
+117d16c). The auxiliary streams then got names (``experiments/rng.py``): the Hutchinson
+probes and the n/10 examples of ``Tr H`` and the flatness, and the probes and examples
+of ``E‖H_z‖_F²``, so the estimates at the final weights changed, and with them every
+bound through ``Tr H``, σ* and the flatness; GMP's perturbations and the label noise
+changed too, so those two runs (``gmp``, ``label-noise``) follow other trajectories
+and are not compared. What the streams do not touch must still be equal bit for bit,
+and what they touch must still be assembled into the bounds as before.
 """
 
 import json
@@ -16,6 +25,18 @@ from jaxgen import cli
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "bound_before_reshape.json").read_text())
 RENAMED = {"--regularizer": "--method", "--method": "--dispersion-method"}
+# Changed with the named random streams (see the module docstring).
+ESTIMATES = {
+    "hessian_trace",
+    "hessian_trace_stderr",
+    "flatness",
+    "flatness_stderr",
+    "optimal_sigma",
+    "eq2_bound",
+    "eq2_time_varying_bound",
+    "theorem1_bound",
+    "neu2021_bound",
+}
 
 
 def _today(argv):
@@ -26,9 +47,20 @@ def _today(argv):
 def test_same_configuration_same_result(name, tmp_path):
     case = FIXTURE["cases"][name]
     assert cli.main(["bound", *_today(case["argv"]), "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "result.json").read_text())
-    before = case["result"]
-    assert set(result) - {"seconds", "jaxgen_version"} == set(before)
-    for key, value in before.items():
-        if key != "config":  # the configuration's own keys were renamed
-            assert result[key] == value, key
+    new = json.loads((tmp_path / "result.json").read_text())
+    old = case["result"]
+    assert set(new) - {"seconds", "jaxgen_version"} == set(old)
+    for key, value in old.items():
+        if key not in ESTIMATES and key != "config":  # the config's own keys were renamed
+            assert new[key] == value, key
+    # Eq. 2 is 3/2 (R² T/n Σλ²V Tr H)^(1/3) and σ* = (a/(T Tr H))^(1/3), Σλ²V unchanged:
+    cube_root = (new["hessian_trace"] / old["hessian_trace"]) ** (1 / 3)
+    assert new["eq2_bound"] == pytest.approx(old["eq2_bound"] * cube_root, rel=1e-5)
+    assert new["eq2_time_varying_bound"] == pytest.approx(
+        old["eq2_time_varying_bound"] * cube_root, rel=1e-5
+    )
+    assert new["optimal_sigma"] == pytest.approx(old["optimal_sigma"] / cube_root, rel=1e-5)
+    # Theorem 1 = sqrt(R²/n Σλ²V/σ²) + |flatness|: its first term scales as 1/σ*.
+    old_first = old["theorem1_bound"] - abs(old["flatness"])
+    new_first = new["theorem1_bound"] - abs(new["flatness"])
+    assert new_first == pytest.approx(old_first * cube_root, rel=1e-4)
