@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +78,66 @@ def run(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     dataset = prepare_data(config)
-    n = dataset.num_train
-    steps_per_epoch = n // config.batch_size
+    steps_per_epoch = dataset.num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     lrs = config.learning_rates(steps_per_epoch)
+    parts = _assemble(config, dataset, lrs, steps_per_epoch)
 
+    checkpoints = Checkpoints(out_dir / "checkpoints")
+    state, logs = _start(checkpoints, parts.state, config, resume=resume, out_dir=out_dir)
+    if not logs.frobenius:
+        logs.frobenius.append(parts.estimates.hessian_frobenius_sq(state.params, 0))
+    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    for callback in callbacks:
+        callback.on_start(total_steps, int(state.step))
+    try:
+        for segment in _segments(config, int(state.step), steps_per_epoch, dataset.num_train):
+            order = segment.order
+            state, metrics = parts.segment(state, {"x": x_train[order], "y": y_train[order]})
+            _stop_if_diverged(state, metrics, segment.start, segment.epoch, checkpoints)
+            logs.extend(metrics)
+            if segment.ends_epoch:
+                variances = logs.variances[-steps_per_epoch:]
+                row = _evaluate(
+                    parts.evaluator, state.params, dataset, variances, segment.epoch, config
+                )
+                logs.epochs.append(row)
+                frobenius = parts.estimates.hessian_frobenius_sq(state.params, segment.epoch + 1)
+                logs.frobenius.append(frobenius)
+                for callback in callbacks:
+                    callback.on_epoch(row)
+            if segment.checkpoint:
+                checkpoints.save(segment.start + len(order), state, logs, config.as_dict())
+            dispersion = _nanmean(metrics.variance) * config.batch_size
+            for callback in callbacks:
+                callback.on_steps(
+                    len(order),
+                    epoch=segment.epoch + 1,
+                    loss=float(metrics.loss[-1]),
+                    dispersion=dispersion,
+                )
+    finally:
+        for callback in callbacks:
+            callback.on_end()
+
+    final = parts.estimates.final(state.params, lrs, logs)
+    n = dataset.num_train
+    result = results.summarize(config, lrs, logs, final, n=n, version=jaxgen.__version__)
+    result = dataclasses.replace(result, seconds=time.perf_counter() - started)
+    title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
+    results.write(out_dir, result, lrs, logs, title=title)
+    return result
+
+
+class _Parts(NamedTuple):
+    state: TrainState  # the initial state
+    segment: Callable  # segment(state, batches) -> (state, StepMetrics over the batches)
+    evaluator: Evaluator
+    estimates: Estimates
+
+
+def _assemble(config: TrainConfig, dataset: data.Dataset, lrs, steps_per_epoch: int) -> _Parts:
+    """The model, the method's optimizer and step, the evaluator and the estimators."""
     loss_fn, params, merge = _model(config, dataset)
     active_fraction = None
     if config.model == "two-layer-relu":
@@ -101,60 +157,42 @@ def run(
         dispersion_method=config.dispersion_method,
         active_fraction=active_fraction,
     )
-    segment = make_segment(train_step, scan=not models.SPECS[config.model].convolutional)
-    evaluator = Evaluator(loss_fn, lambda p, x: merge(p)(x), models.correct)
-    estimates = Estimates(config, dataset, loss_fn, active_fraction)
-
     state = TrainState(
         jnp.zeros((), jnp.int32),
         params,
         optimizer.init(params),
         rng.key(config.seed, rng.Stream.STEP),
     )
-    checkpoints = Checkpoints(out_dir / "checkpoints")
-    state, logs = _start(checkpoints, state, config, resume=resume, out_dir=out_dir)
-    if not logs.frobenius:
-        logs.frobenius.append(estimates.hessian_frobenius_sq(state.params, 0))
-    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
-    checkpoint_every = config.checkpoint_every or steps_per_epoch
-    step = int(state.step)
-    for callback in callbacks:
-        callback.on_start(total_steps, step)
-    try:
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            end = min(steps_per_epoch, offset + checkpoint_every - step % checkpoint_every)
-            order = epoch_order(config, epoch, n, steps_per_epoch)[offset:end]
-            state, metrics = segment(state, {"x": x_train[order], "y": y_train[order]})
-            _stop_if_diverged(state, metrics, step, epoch, checkpoints)
-            logs.extend(metrics)
-            step += len(order)
-            if end == steps_per_epoch:
-                variances = logs.variances[-steps_per_epoch:]
-                row = _evaluate(
-                    evaluator, state.params, dataset, variances, epoch, config.batch_size
-                )
-                logs.epochs.append(row)
-                logs.frobenius.append(estimates.hessian_frobenius_sq(state.params, epoch + 1))
-                for callback in callbacks:
-                    callback.on_epoch(row)
-            if step % checkpoint_every == 0 or step == total_steps:
-                checkpoints.save(step, state, logs, config.as_dict())
-            dispersion = _nanmean(metrics.variance) * config.batch_size
-            for callback in callbacks:
-                callback.on_steps(
-                    len(order), epoch=epoch + 1, loss=float(metrics.loss[-1]), dispersion=dispersion
-                )
-    finally:
-        for callback in callbacks:
-            callback.on_end()
+    return _Parts(
+        state,
+        make_segment(train_step, scan=not models.SPECS[config.model].convolutional),
+        Evaluator(loss_fn, lambda p, x: merge(p)(x), models.correct),
+        Estimates(config, dataset, loss_fn, active_fraction),
+    )
 
-    final = estimates.final(state.params, lrs, logs)
-    result = results.summarize(config, lrs, logs, final, n=n, version=jaxgen.__version__)
-    result = dataclasses.replace(result, seconds=time.perf_counter() - started)
-    title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
-    results.write(out_dir, result, lrs, logs, title=title)
-    return result
+
+class _Segment(NamedTuple):
+    start: int  # the global step the segment starts at
+    epoch: int  # 0-based
+    order: np.ndarray  # (steps, b) example indices
+    ends_epoch: bool
+    checkpoint: bool  # a checkpoint is due after it
+
+
+def _segments(config: TrainConfig, start: int, steps_per_epoch: int, n: int):
+    """The segments from step ``start`` on: each ends at a checkpoint or an epoch's end."""
+    total = config.epochs * steps_per_epoch
+    every = config.checkpoint_every or steps_per_epoch
+    step = start
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        end = min(steps_per_epoch, offset + every - step % every)
+        order = epoch_order(config, epoch, n, steps_per_epoch)[offset:end]
+        after = step + len(order)
+        yield _Segment(
+            step, epoch, order, end == steps_per_epoch, after % every == 0 or after == total
+        )
+        step = after
 
 
 def _model(config: TrainConfig, dataset: data.Dataset):
@@ -207,7 +245,7 @@ def _nanmean(values) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def _evaluate(evaluator, params, dataset, variances, epoch: int, batch_size: int) -> EpochMetrics:
+def _evaluate(evaluator, params, dataset, variances, epoch: int, config) -> EpochMetrics:
     """The full splits at the end of ``epoch``; ``variances``: the epoch's ``V_t``."""
     train_losses, train_correct = evaluator(params, dataset.x_train, dataset.y_train)
     test_losses, test_correct = evaluator(params, dataset.x_test, dataset.y_test)
@@ -220,5 +258,5 @@ def _evaluate(evaluator, params, dataset, variances, epoch: int, batch_size: int
         test_accuracy=float(test_correct.mean()),
         train_accuracy_clean=float(train_correct[~noisy].mean()) if (~noisy).any() else math.nan,
         train_accuracy_noisy=float(train_correct[noisy].mean()) if noisy.any() else math.nan,
-        dispersion=_nanmean(variances) * batch_size,
+        dispersion=_nanmean(variances) * config.batch_size,
     )
