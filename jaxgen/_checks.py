@@ -111,3 +111,80 @@ def key(name: str, value: Any) -> None:
             f"{name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
             f"got {value!r}"
         )
+
+
+def fraction(name: str, value: Any) -> None:
+    """``value`` is a scalar in (0, 1]."""
+    number = _scalar(name, value)
+    if number is not None and not 0.0 < number <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+
+
+def per_step_values(name: str, value: Any, *, positive: bool = False) -> None:
+    """Every entry of ``value`` is finite and ``>= 0`` (``> 0`` with ``positive``)."""
+    array = concrete(value)
+    if array is None:
+        return
+    array = np.asarray(array, np.float64)
+    good = np.isfinite(array) & ((array > 0) if positive else (array >= 0))
+    if not np.all(good):
+        bad = np.flatnonzero(~good.reshape(-1))[0]
+        where = f" (entry {bad})" if array.ndim else ""
+        requirement = "> 0" if positive else ">= 0"
+        value = float(array.reshape(-1)[bad])
+        raise ValueError(f"{name} must be finite and {requirement}, got {value!r}{where}")
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves)
+
+
+def float_params(name: str, params: Any) -> None:
+    """Every leaf of ``params`` is a float array (jaxgen differentiates all of them)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+            raise ValueError(
+                f"{name} leaf {jax.tree_util.keystr(path) or '(the root)'} has dtype {dtype}: "
+                "every parameter leaf is differentiated, so each must be a float array; keep "
+                "integer state out of params (close over it in loss_fn)"
+            )
+
+
+def per_example_loss(loss_fn: Any, params: Any, batch: Any, *, batch_name: str = "batch") -> None:
+    """``loss_fn(params, example)`` returns a float scalar for one example of ``batch``.
+
+    Checked once per loss function and shapes, from ``jax.eval_shape``: nothing runs.
+    """
+    float_params("params", params)
+    try:
+        key = (loss_fn, _signature(params), _signature(batch))
+        hash(key)
+    except TypeError:  # an unhashable loss function: check every time
+        key = None
+    if key is not None and key in _CHECKED_LOSSES:
+        return
+    example = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), batch
+    )
+    out = jax.eval_shape(loss_fn, _abstract(params), example)
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != () or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        got = f"shape {shape} and dtype {dtype}" if shape is not None else f"{type(out).__name__}"
+        raise ValueError(
+            f"loss_fn must return one float scalar per example: loss_fn(params, example) gets "
+            f"one example of {batch_name} (no batch axis) and returned {got}; a batched loss "
+            "or raw logits is not a per-example loss"
+        )
+    if key is not None:
+        if len(_CHECKED_LOSSES) > 256:
+            _CHECKED_LOSSES.clear()
+        _CHECKED_LOSSES.add(key)
+
+
+_CHECKED_LOSSES: set = set()

@@ -48,7 +48,8 @@ def dynamic_clip(
 
     Args:
       initial_norm: the initial threshold ``G`` (> 0).
-      alpha: the clipping factor ``α`` (> 0).
+      alpha: the clipping factor ``α`` in (0, 1]: a clipped step is at most ``α G``, and
+        ``α > 1`` would enlarge the gradients it is meant to clip.
       start_step: ``T_c``; clipping starts at step ``T_c + 1`` (>= 0).
 
     Returns:
@@ -64,7 +65,7 @@ def dynamic_clip(
       ([0.30000001192092896, 0.4000000059604645], 5.0, 1)
     """
     _checks.positive("initial_norm", initial_norm)
-    _checks.positive("alpha", alpha)
+    _checks.fraction("alpha", alpha)
     _checks.integer("start_step", start_step, minimum=0)
 
     def init_fn(params: PyTree) -> DynamicClipState:

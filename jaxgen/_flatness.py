@@ -105,6 +105,8 @@ def flatness_term(
     """
     _checks.batch_size("train_batch", train_batch)
     _checks.batch_size("heldout_batch", heldout_batch)
+    _checks.per_example_loss(loss_fn, params, train_batch, batch_name="train_batch")
+    _checks.per_example_loss(loss_fn, params, heldout_batch, batch_name="heldout_batch")
     _checks.key("key", key)
     _checks.non_negative("sigma", sigma)
     _checks.integer("num_samples", num_samples, minimum=1)
@@ -205,6 +207,7 @@ def gradient_sensitivity(
       0.75
     """
     _checks.batch_size("batch", batch)
+    _checks.per_example_loss(loss_fn, params, batch)
     _checks.key("key", key)
     _checks.non_negative("sigma", sigma)
     _checks.integer("num_samples", num_samples, minimum=1)

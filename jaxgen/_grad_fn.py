@@ -31,6 +31,7 @@ def batch_grad_fn(loss_fn: LossFn, batch: PyTree) -> Callable[..., PyTree]:
     grad = jax.grad(mean_loss, argnums=1)
 
     def grad_fn(params: PyTree, *_: object) -> PyTree:
+        _checks.per_example_loss(loss_fn, params, batch)
         return grad(loss_fn, params, batch)
 
     return grad_fn

@@ -111,6 +111,7 @@ def hessian_trace(
     """
     _checks.choice("method", method, _METHODS)
     _checks.batch_size("batch", batch)
+    _checks.per_example_loss(loss_fn, params, batch)
     _checks.integer("num_probes", num_probes, minimum=1)
     _checks.integer("chunk_size", chunk_size, minimum=1)
     if method == "exact":

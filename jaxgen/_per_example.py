@@ -171,6 +171,7 @@ def per_example_grads(
       (3, 3)
     """
     _checks.batch_size("batch", batch)
+    _checks.per_example_loss(loss_fn, params, batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
     grad_one = functools.partial(jax.grad(loss_fn), params)
     if microbatch_size is None:
@@ -228,6 +229,7 @@ def gradient_dispersion(
     """
     _checks.choice("method", method, _METHODS)
     _checks.batch_size("batch", batch)
+    _checks.per_example_loss(loss_fn, params, batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
     if method == "vmap":
         return _dispersion_vmap(loss_fn, params, batch, microbatch_size)

@@ -6,6 +6,12 @@ Every per-step argument is an array with one entry per SGD step ``t = 1..T``, wi
 (``DispersionStats.minibatch_variance``, i.e. dispersion / b). ``R`` is the
 sub-Gaussian constant of the loss and ``n`` the number of training examples.
 
+Inputs that no training run can produce (negative or non-finite learning rates,
+variances, losses or sensitivities, ``σ <= 0`` where the formula divides by it, a
+``Tr H`` that is not a finite number > 0 where the bound needs one) raise ``ValueError``
+when the values are concrete. Under ``jit``, where they cannot be inspected, every bound
+returns ``NaN`` for them, never a plausible-looking number.
+
 Formulas from Wang & Mao, *On the Generalization of Models Trained with SGD:
 Information-Theoretic Bounds and Implications*, ICLR 2022; Xu & Raginsky, NeurIPS 2017;
 Neu, Dziugaite, Haghifam & Roy, COLT 2021.
@@ -55,8 +61,11 @@ def _constants(R: Any, n: Any) -> None:
         raise ValueError(f"n must be a number of training examples >= 1, got {n!r}")
 
 
-def _per_step(lrs: Any, **others: Any) -> None:
-    """``lrs`` is 1-D with T >= 1 entries; each other per-step array is scalar or length T."""
+def _per_step(lrs: Any, *, positive: tuple[str, ...] = (), **others: Any) -> None:
+    """``lrs`` is 1-D with T >= 1 entries; each other per-step array is scalar or length T.
+
+    Every entry is finite and >= 0 (> 0 for the names in ``positive``), where concrete.
+    """
     lrs_shape = np.shape(lrs)
     if len(lrs_shape) != 1 or lrs_shape[0] < 1:
         raise ValueError(
@@ -70,6 +79,30 @@ def _per_step(lrs: Any, **others: Any) -> None:
                 f"{name} must be a scalar or have one entry per step (T = len(lrs) = {steps}), "
                 f"got shape {shape}"
             )
+    _checks.per_step_values("lrs", lrs)
+    for name, value in others.items():
+        _checks.per_step_values(name, _value(value), positive=name in positive)
+
+
+def _curvature(name: str, value: Any) -> None:
+    """A ``Tr H`` the second-order bounds can use: a finite number > 0, where concrete."""
+    _scalar_arg(name, value)
+    number = _checks.concrete(_value(value))
+    if number is not None and not (np.isfinite(number) and number > 0):
+        raise ValueError(
+            f"{name} must be a finite number > 0: the second-order bound needs a positive "
+            f"curvature (at Tr H <= 0 the expansion bounds nothing), got {float(number)!r}"
+        )
+
+
+def _valid(*arrays: jax.Array, positive: tuple[jax.Array, ...] = ()) -> jax.Array:
+    """Under ``jit``: whether every entry is finite and >= 0 (> 0 for ``positive``)."""
+    ok = jnp.array(True)
+    for array in arrays:
+        ok &= jnp.all(jnp.isfinite(array) & (array >= 0))
+    for array in positive:
+        ok &= jnp.all(jnp.isfinite(array) & (array > 0))
+    return ok
 
 
 def _scalar_arg(name: str, value: Any) -> None:
@@ -80,7 +113,8 @@ def _scalar_arg(name: str, value: Any) -> None:
 
 @jax.jit
 def _xu_raginsky(mutual_information, R, n):
-    return jnp.sqrt(2.0 * R**2 / n * mutual_information)
+    valid = _valid(mutual_information)
+    return jnp.where(valid, jnp.sqrt(2.0 * R**2 / n * mutual_information), jnp.nan)
 
 
 def xu_raginsky(mutual_information: Any, *, R: float, n: int) -> jax.Array:
@@ -101,7 +135,8 @@ def xu_raginsky(mutual_information: Any, *, R: float, n: int) -> jax.Array:
 def _trajectory(lrs, sigmas, per_step, R, n):
     steps = lrs.shape[0]
     terms = jnp.broadcast_to(lrs**2 / sigmas**2 * per_step, (steps,))
-    return jnp.sqrt(R**2 / n * jnp.sum(terms))
+    valid = _valid(lrs, per_step, positive=(sigmas,))
+    return jnp.where(valid, jnp.sqrt(R**2 / n * jnp.sum(terms)), jnp.nan)
 
 
 def neu2021(
@@ -130,10 +165,18 @@ def neu2021(
         value is added.
     """
     _constants(R, n)
-    _per_step(lrs, sigmas=sigmas, sensitivities=sensitivities, variances=variances)
+    _per_step(
+        lrs,
+        sigmas=sigmas,
+        sensitivities=sensitivities,
+        variances=variances,
+        positive=("sigmas",),
+    )
     _scalar_arg("flatness", flatness)
+    _checks.finite("flatness", _value(flatness))
     sensitivities, variances = jnp.asarray(sensitivities), jnp.asarray(variances)
-    first = _trajectory(jnp.asarray(lrs), jnp.asarray(sigmas), sensitivities + variances, R, n)
+    per_step = jnp.where(_valid(sensitivities, variances), sensitivities + variances, jnp.nan)
+    first = _trajectory(jnp.asarray(lrs), jnp.asarray(sigmas), per_step, R, n)
     return 2.0 * first + jnp.abs(_value(flatness))
 
 
@@ -157,8 +200,9 @@ def theorem1(
       flatness: the flatness term; its absolute value is added.
     """
     _constants(R, n)
-    _per_step(lrs, sigmas=sigmas, variances=variances)
+    _per_step(lrs, sigmas=sigmas, variances=variances, positive=("sigmas",))
     _scalar_arg("flatness", flatness)
+    _checks.finite("flatness", _value(flatness))
     trajectory = _trajectory(jnp.asarray(lrs), jnp.asarray(sigmas), jnp.asarray(variances), R, n)
     return trajectory + jnp.abs(_value(flatness))
 
@@ -188,6 +232,8 @@ def second_order_flatness(sigmas: Any, hessian_trace: Any, *, num_steps: int | N
             f"{shape} and num_steps={num_steps!r}"
         )
     _scalar_arg("hessian_trace", hessian_trace)
+    _checks.per_step_values("sigmas", sigmas)
+    _checks.finite("hessian_trace", _value(hessian_trace))
     return _second_order_flatness(jnp.asarray(sigmas), _value(hessian_trace), steps)
 
 
@@ -196,7 +242,9 @@ def _eq2(lrs, variances, hessian_trace, R, n):
     steps = lrs.shape[0]
     trajectory = jnp.sum(jnp.broadcast_to(lrs**2 * variances, (steps,)))
     inside = R**2 * steps / n * trajectory * hessian_trace
-    return jnp.where(hessian_trace > 0, 1.5 * jnp.cbrt(inside), jnp.nan)
+    return jnp.where(
+        _valid(lrs, variances, positive=(hessian_trace,)), 1.5 * jnp.cbrt(inside), jnp.nan
+    )
 
 
 def eq2(lrs: Any, variances: Any, hessian_trace: Any, *, R: float, n: int) -> jax.Array:
@@ -205,8 +253,9 @@ def eq2(lrs: Any, variances: Any, hessian_trace: Any, *, R: float, n: int) -> ja
         gen ≤ 3/2 · (R² T / n · Σ_t λ_t² V_t · Tr H)^{1/3}
 
     It is ``theorem1`` at ``σ* = optimal_sigma(...)`` with the second-order flatness
-    ``T σ*² Tr H / 2``, assuming ``L_μ(w_T) ≤ E[L_μ(w_T + Δ_T)]``. ``nan`` when
-    ``Tr H <= 0``: the expansion then bounds nothing.
+    ``T σ*² Tr H / 2``, assuming ``L_μ(w_T) ≤ E[L_μ(w_T + Δ_T)]``. ``Tr H`` must be
+    > 0 (``ValueError``; ``nan`` under ``jit``): at ``Tr H <= 0`` the expansion bounds
+    nothing.
 
     Args:
       lrs: learning rates ``λ_t``.
@@ -217,7 +266,7 @@ def eq2(lrs: Any, variances: Any, hessian_trace: Any, *, R: float, n: int) -> ja
     """
     _constants(R, n)
     _per_step(lrs, variances=variances)
-    _scalar_arg("hessian_trace", hessian_trace)
+    _curvature("hessian_trace", hessian_trace)
     return _eq2(jnp.asarray(lrs), jnp.asarray(variances), _value(hessian_trace), R, n)
 
 
@@ -225,18 +274,19 @@ def eq2(lrs: Any, variances: Any, hessian_trace: Any, *, R: float, n: int) -> ja
 def _optimal_sigma(lrs, variances, hessian_trace, R, n):
     steps = lrs.shape[0]
     a = jnp.sqrt(R**2 / n * jnp.sum(jnp.broadcast_to(lrs**2 * variances, (steps,))))
-    return jnp.where(hessian_trace > 0, jnp.cbrt(a / (steps * hessian_trace)), jnp.nan)
+    valid = _valid(lrs, variances, positive=(hessian_trace,))
+    return jnp.where(valid, jnp.cbrt(a / (steps * hessian_trace)), jnp.nan)
 
 
 def optimal_sigma(lrs: Any, variances: Any, hessian_trace: Any, *, R: float, n: int) -> jax.Array:
     """The constant σ that minimises ``a/σ + T Tr H σ²/2``: ``σ* = (a / (T Tr H))^{1/3}``.
 
     ``a = sqrt(R²/n · Σ_t λ_t² V_t)`` is the trajectory term at ``σ = 1``
-    (Wang & Mao, ICLR 2022, derivation of Eq. 2). ``nan`` when ``Tr H <= 0``.
+    (Wang & Mao, ICLR 2022, derivation of Eq. 2). ``Tr H`` must be > 0, as for ``eq2``.
     """
     _constants(R, n)
     _per_step(lrs, variances=variances)
-    _scalar_arg("hessian_trace", hessian_trace)
+    _curvature("hessian_trace", hessian_trace)
     return _optimal_sigma(jnp.asarray(lrs), jnp.asarray(variances), _value(hessian_trace), R, n)
 
 
@@ -248,7 +298,7 @@ def _time_varying(lrs, variances, hessian_trace, R, n):
     # σ_t² = c λ_t √V_t; the optimal c solves sqrt(R² A / (n c)) = c A Tr H with A = scale.
     c = jnp.cbrt(R**2 / (n * scale * hessian_trace**2))
     sigmas = jnp.sqrt(c * jnp.broadcast_to(lrs * jnp.sqrt(variances), (steps,)))
-    valid = hessian_trace > 0
+    valid = _valid(lrs, variances, positive=(hessian_trace,))
     return jnp.where(valid, bound, jnp.nan), jnp.where(valid, sigmas, jnp.nan)
 
 
@@ -261,11 +311,11 @@ def eq2_time_varying(
 
     By Cauchy–Schwarz ``(Σ λ_t √V_t)² ≤ T Σ λ_t² V_t``, so this is never larger than
     ``eq2``. Derived in jaxgen from Theorem 1 of Wang & Mao (ICLR 2022); not in the
-    paper. ``nan`` when ``Tr H <= 0``.
+    paper. ``Tr H`` must be > 0, as for ``eq2``.
     """
     _constants(R, n)
     _per_step(lrs, variances=variances)
-    _scalar_arg("hessian_trace", hessian_trace)
+    _curvature("hessian_trace", hessian_trace)
     bound, _ = _time_varying(jnp.asarray(lrs), jnp.asarray(variances), _value(hessian_trace), R, n)
     return bound
 
@@ -277,7 +327,7 @@ def optimal_sigmas_time_varying(
     ``eq2_time_varying`` (``σ_t² = c λ_t √V_t`` with the optimal ``c``); shape ``(T,)``."""
     _constants(R, n)
     _per_step(lrs, variances=variances)
-    _scalar_arg("hessian_trace", hessian_trace)
+    _curvature("hessian_trace", hessian_trace)
     _, sigmas = _time_varying(jnp.asarray(lrs), jnp.asarray(variances), _value(hessian_trace), R, n)
     return sigmas
 
@@ -286,7 +336,8 @@ def optimal_sigmas_time_varying(
 def _cubic_bound(lrs, per_step, curvature, R, n):
     steps = lrs.shape[0]
     total = jnp.sum(jnp.broadcast_to(R**2 * lrs**2 * steps / (4.0 * n) * per_step, (steps,)))
-    return 3.0 * jnp.cbrt(curvature * total)
+    valid = _valid(lrs, per_step, curvature)
+    return jnp.where(valid, 3.0 * jnp.cbrt(curvature * total), jnp.nan)
 
 
 def linear_network(lrs: Any, losses: Any, *, R: float, n: int) -> jax.Array:

@@ -127,11 +127,42 @@ def test_estimates_are_accepted_where_numbers_are():
     assert bounds.eq2(lrs, 1.0, estimate, R=R, n=N) == bounds.eq2(lrs, 1.0, 4.0, R=R, n=N)
 
 
-def test_non_positive_hessian_trace_gives_nan():
-    lrs = jnp.full(10, 0.1)
-    assert np.isnan(bounds.eq2(lrs, 1.0, -1.0, R=R, n=N))
-    assert np.isnan(bounds.optimal_sigma(lrs, 1.0, 0.0, R=R, n=N))
-    assert np.isnan(bounds.eq2_time_varying(lrs, 1.0, -2.0, R=R, n=N))
+STEPS = jnp.full(4, 0.1)
+BAD = jnp.array([0.1, -0.5, 0.1, 0.1])  # one impossible entry
+ONES = jnp.ones(4)
+IMPOSSIBLE = [  # (bound, its arguments with one impossible value, the message)
+    (bounds.eq2, (BAD, ONES, 1.0), r"lrs must be finite and >= 0, got -0.5 \(entry 1\)"),
+    (bounds.eq2, (STEPS, BAD, 1.0), "variances must be finite and >= 0, got -0.5"),
+    (bounds.eq2, (STEPS.at[2].set(jnp.nan), ONES, 1.0), "lrs must be finite and >= 0, got nan"),
+    (bounds.eq2, (STEPS.at[0].set(jnp.inf), ONES, 1.0), "lrs must be finite and >= 0, got inf"),
+    (bounds.eq2, (STEPS, ONES, -1.0), "hessian_trace must be a finite number > 0"),
+    (bounds.eq2, (STEPS, ONES, 0.0), "hessian_trace must be a finite number > 0"),
+    (bounds.eq2, (STEPS, ONES, jnp.nan), "hessian_trace must be a finite number > 0"),
+    (bounds.optimal_sigma, (STEPS, ONES, -2.0), "hessian_trace must be a finite number > 0"),
+    (bounds.eq2_time_varying, (STEPS, BAD, 1.0), "variances must be finite and >= 0"),
+    (bounds.optimal_sigmas_time_varying, (STEPS, ONES, 0.0), "hessian_trace must be a finite"),
+    (bounds.theorem1, (STEPS, 0.0, ONES), "sigmas must be finite and > 0, got 0.0"),
+    (bounds.theorem1, (STEPS, 1.0, BAD), "variances must be finite and >= 0"),
+    (bounds.neu2021, (STEPS, 1.0, BAD, ONES), "sensitivities must be finite and >= 0"),
+    (bounds.linear_network, (STEPS, BAD), "losses must be finite and >= 0"),
+    (bounds.two_layer_relu, (STEPS, BAD, 0.5), "weighted_losses must be finite and >= 0"),
+]
+
+
+@pytest.mark.parametrize(("bound", "args", "message"), IMPOSSIBLE)
+def test_impossible_inputs_raise_and_give_nan_under_jit(bound, args, message):
+    with pytest.raises(ValueError, match=message):
+        bound(*args, R=R, n=N)
+    under_jit = jax.jit(lambda *a: bound(*a, R=R, n=N))(*args)
+    assert np.all(np.isnan(under_jit))
+
+
+def test_flatness_must_be_finite():
+    with pytest.raises(ValueError, match="flatness must be a finite number, got nan"):
+        bounds.theorem1(STEPS, 1.0, ONES, R=R, n=N, flatness=jnp.nan)
+    with pytest.raises(ValueError, match="sigmas must be finite and >= 0"):
+        bounds.second_order_flatness(-0.1, 1.0, num_steps=3)
+    assert np.isnan(jax.jit(lambda v: bounds.xu_raginsky(v, R=R, n=N))(-1.0))
 
 
 def test_bounds_work_inside_jit(trajectory):

@@ -49,7 +49,7 @@ def test_the_norm_is_global_over_the_pytree():
     [
         ({"initial_norm": 0.0}, "initial_norm must be a finite number > 0, got 0.0"),
         ({"initial_norm": float("inf")}, "initial_norm must be a finite number > 0"),
-        ({"alpha": -1.0}, "alpha must be a finite number > 0, got -1.0"),
+        ({"alpha": -1.0}, r"alpha must lie in \(0, 1\], got -1.0"),
         ({"start_step": -1}, "start_step must be an integer >= 0, got -1"),
         ({"start_step": 1.5}, "start_step must be an integer >= 0, got 1.5"),
     ],

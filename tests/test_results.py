@@ -4,8 +4,10 @@ import dataclasses
 import json
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
+import jaxgen
 from jaxgen.experiments import results
 from jaxgen.experiments.config import TrainConfig
 from jaxgen.experiments.results import EpochMetrics, RunResult, StepLogs
@@ -48,3 +50,16 @@ def test_step_logs_survive_json():
 def test_filled_variances_hold_the_last_measurement():
     filled = results.filled_variances([1.0, math.nan, math.nan, 4.0, math.nan])
     np.testing.assert_array_equal(filled, [1.0, 1.0, 1.0, 4.0, 4.0])
+
+
+def test_a_non_positive_trace_gives_nan_second_order_bounds_not_a_crash():
+    config = TrainConfig(epochs=1, lr=0.1)
+    logs = StepLogs([1.0, 0.9], [0.5, 0.4], [0.0, 0.0], [2.0, 2.0], [_result().epochs[0]])
+    trace = jaxgen.TraceEstimate(jnp.float32(-3.0), jnp.float32(1.0), 4)
+    flatness = jaxgen.MonteCarloEstimate(jnp.float32(0.0), jnp.float32(0.0), 4)
+    estimates = results.FinalEstimates(trace, 6, flatness, results.optimal_sigma(
+        config, [0.1, 0.1], logs, trace, 60), None)  # fmt: skip
+    result = results.summarize(config, [0.1, 0.1], logs, estimates, n=60, version="test")
+    for value in (result.optimal_sigma, result.eq2_bound, result.theorem1_bound):
+        assert math.isnan(value)
+    assert result.hessian_trace == -3.0 and result.sum_lr2_variance > 0

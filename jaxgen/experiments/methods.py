@@ -25,7 +25,7 @@ import optax
 import jaxgen
 from jaxgen._types import LossFn, PyTree
 from jaxgen.experiments import options
-from jaxgen.experiments.options import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT
+from jaxgen.experiments.options import FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -124,7 +124,7 @@ class DGC(Method):
         "dynamic gradient clipping (Algorithm 1): past T_c, g ← α·G·g/‖g‖ when ‖g‖ > G, "
         "else G ← ‖g‖; V_t is that of the unclipped minibatch gradient"
     )
-    alpha: float = options.option(0.1, "clipping: α", POSITIVE)
+    alpha: float = options.option(0.1, "clipping: α, the clipped step's fraction of G", FRACTION)
     initial_norm: float = options.option(50.0, "clipping: the initial threshold G", POSITIVE)
     start_epoch: int = options.option(15, "clipping: T_c, in epochs", NON_NEGATIVE_INT)
 

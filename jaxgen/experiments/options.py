@@ -54,6 +54,7 @@ POSITIVE = Check(
 )
 UNIT = Check("lie in [0, 1]", float, lambda v: _is_number(v) and 0.0 <= v <= 1.0)
 HALF_OPEN_UNIT = Check("lie in [0, 1)", float, lambda v: _is_number(v) and 0.0 <= v < 1.0)
+FRACTION = Check("lie in (0, 1]", float, lambda v: _is_number(v) and 0.0 < v <= 1.0)
 TEXT = Check("be text", str, lambda v: isinstance(v, str))
 FLAG = Check("be true or false", bool, lambda v: isinstance(v, bool))
 

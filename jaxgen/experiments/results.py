@@ -149,7 +149,17 @@ class FinalEstimates(NamedTuple):
     active_fraction: float | None  # Theorem 3's final Σ_r I{W_rᵀ x >= 0}/m, averaged
 
 
+def curved(trace) -> bool:
+    """Whether a ``Tr H`` estimate is > 0, as the second-order bounds need (a Hutchinson
+    estimate at a saddle or from few probes can be <= 0: those bounds are then NaN)."""
+    value = float(getattr(trace, "value", trace))
+    return math.isfinite(value) and value > 0
+
+
 def optimal_sigma(config, learning_rates, logs: StepLogs, trace, n: int) -> float:
+    """σ* of Eq. 2 (NaN when ``Tr H`` is not positive)."""
+    if not curved(trace):
+        return math.nan
     variances = jnp.asarray(filled_variances(logs.variances))
     return float(
         bounds.optimal_sigma(jnp.asarray(learning_rates), variances, trace, R=config.R, n=n)
@@ -168,6 +178,11 @@ def summarize(
     steps_per_epoch = steps // config.epochs
     frobenius = np.repeat(np.asarray(logs.frobenius[: config.epochs]), steps_per_epoch)
     sensitivities = jnp.asarray(2.0 * np.arange(steps) * sigma**2 * frobenius)
+
+    def second_order(bound, *args, **kwargs) -> float:
+        """A bound that needs ``Tr H > 0`` (through σ* or directly); NaN otherwise."""
+        return float(bound(*args, R=R, n=n, **kwargs)) if curved(trace) else math.nan
+
     theorem2 = theorem3 = None
     if config.model == "linear":
         theorem2 = float(bounds.linear_network(lrs, jnp.asarray(logs.losses), R=R, n=n))
@@ -200,11 +215,11 @@ def summarize(
         optimal_sigma=sigma,
         flatness=float(flatness.value),
         flatness_stderr=float(flatness.stderr),
-        eq2_bound=float(bounds.eq2(lrs, variances, trace, R=R, n=n)),
-        eq2_time_varying_bound=float(bounds.eq2_time_varying(lrs, variances, trace, R=R, n=n)),
-        theorem1_bound=float(bounds.theorem1(lrs, sigma, variances, R=R, n=n, flatness=flatness)),
-        neu2021_bound=float(
-            bounds.neu2021(lrs, sigma, sensitivities, variances, R=R, n=n, flatness=flatness)
+        eq2_bound=second_order(bounds.eq2, lrs, variances, trace),
+        eq2_time_varying_bound=second_order(bounds.eq2_time_varying, lrs, variances, trace),
+        theorem1_bound=second_order(bounds.theorem1, lrs, sigma, variances, flatness=flatness),
+        neu2021_bound=second_order(
+            bounds.neu2021, lrs, sigma, sensitivities, variances, flatness=flatness
         ),
         neu2021_sensitivity=NEU2021_SENSITIVITY,
         dispersion_method=config.dispersion_method,
