@@ -14,7 +14,10 @@ lists them. Bad arguments exit with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import functools
+import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -44,8 +47,18 @@ def _training_flags(parser: argparse.ArgumentParser, *, out_default: str) -> Non
 def config_from_args(args: argparse.Namespace, **overrides):
     """The ``TrainConfig`` the flags describe: the preset, then the flags, then ``overrides``."""
     from jaxgen.experiments import config, methods, options
+    from jaxgen.experiments.errors import RunWarning
 
     values = options.values_from(args, config.TrainConfig)
+    preset = config.PRESETS[args.preset].values if args.preset else {}
+    for name, value in values.items():
+        if name in preset and preset[name] != value:
+            warnings.warn(
+                f"{options.flag_name(name)} {value} replaces the preset's {preset[name]}: the "
+                f"run is no longer the setting of {args.preset}",
+                RunWarning,
+                stacklevel=2,
+            )
     method = args.method or "erm"
     for name, cls in methods.REGISTRY.items():
         given = options.values_from(args, cls, prefix=f"{name}-")
@@ -129,21 +142,42 @@ def _demo(args, console) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the status is 0, 1 (stopped), 2 (bad arguments) or 130 (Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     from rich.console import Console
 
-    from jaxgen.experiments import data, loop, options
+    from jaxgen.experiments import data, errors
 
     commands = {"demo": _demo, "bound": _bound, "sweep": _sweep, "dispersion": _dispersion}
+    say = functools.partial(print, f"jaxgen {args.command}:", file=sys.stderr)
     try:
-        commands[args.command](args, Console())
-    except (options.ConfigError, data.DatasetUnavailable) as error:
-        print(f"jaxgen {args.command}: error: {error}", file=sys.stderr)
+        with errors.warnings_as_lines(say):
+            commands[args.command](args, Console())
+    except (errors.ConfigError, data.DatasetUnavailable) as error:
+        say(f"error: {error}")
         return 2
-    except loop.TrainingDiverged as error:
-        print(f"jaxgen {args.command}: stopped: {error}", file=sys.stderr)
+    except (errors.TrainingDiverged, errors.OutputError) as error:
+        say(f"stopped: {error}")
         return 1
+    except KeyboardInterrupt:
+        say(_interrupted(args, argv))
+        return 130
     return 0
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """Where the last checkpoint is and the command that resumes from it."""
+    if args.command == "demo":
+        return "interrupted; run the same command again to start the demo over"
+    command = shlex.join(["jaxgen", *argv, *([] if args.resume else ["--resume"])])
+    if args.command == "sweep":
+        return f"interrupted; finished runs and checkpoints are in {args.out}; resume: {command}"
+    folder = Path(args.out) / "checkpoints"
+    steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.is_dir() else []
+    if not steps:
+        return "interrupted before the first checkpoint; run the same command again to start over"
+    return f"interrupted; the last checkpoint is step {max(steps)} in {folder}; resume: {command}"
 
 
 if __name__ == "__main__":

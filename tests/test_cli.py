@@ -1,11 +1,18 @@
 import json
 import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from jaxgen import cli
 from jaxgen.experiments import methods
 from jaxgen.experiments.config import TrainConfig
+from jaxgen.experiments.errors import RunWarning
 
 TINY = [
     "--epochs",
@@ -59,7 +66,8 @@ def test_presets_then_flags_then_the_method_make_the_config():
         ["bound", "--preset", "paper-mnist-mlp", "--epochs", "3", "--method", "gmp",
          "--gmp-sigma", "0.05", "--dispersion-method", "vmap", "--lr-milestones", "1,2"]
     )  # fmt: skip
-    config = cli.config_from_args(args)
+    with pytest.warns(RunWarning, match="--epochs 3 replaces the preset's 500"):
+        config = cli.config_from_args(args)
     assert (config.dataset, config.model, config.width, config.batch_size) == (
         "mnist",
         "mlp",
@@ -86,6 +94,10 @@ def test_presets_then_flags_then_the_method_make_the_config():
         (["bound", "--method", "sgd"], "--method: invalid choice: 'sgd'"),
         (["bound", "--dispersion-method", "exact"], "invalid choice: 'exact'"),
         (["bound", "--gmp-rho", "2"], r"--gmp-rho: must lie in [0, 1], got 2"),
+        (
+            ["bound", "--method", "dgc", "--dgc-alpha", "2"],
+            r"--dgc-alpha: must lie in (0, 1], got 2",
+        ),
         (["bound", "--gmp-sigma", "0.1"], "--gmp-sigma applies to --method gmp, not to erm"),
         (
             ["bound", "--method", "dgc", "--gmp-samples", "2"],
@@ -112,10 +124,18 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
-def test_divergence_exits_1_with_one_line(tmp_path, capsys):
-    assert cli.main(["bound", *TINY, "--lr", "1e30", "--out", str(tmp_path)]) == 1
+def test_divergence_exits_1_with_one_line_that_says_what_works(tmp_path, capsys):
+    argv = ["bound", *TINY, "--lr", "1e30", "--checkpoint-every", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "non-finite training loss" in err
+    assert err.count("\n") == 1 and "non-finite training loss or weights at step" in err
+    assert "start over with a lower --lr (this run: 1e+30) and another --out" in err
+    if "last finite checkpoint" in err:  # the message names only a checkpoint that exists
+        step = int(re.search(r"checkpoint \(step (\d+)\)", err).group(1))
+        assert (tmp_path / "checkpoints" / str(step)).is_dir()
+    assert "None" not in err
+    assert cli.main([*argv, "--lr", "0.1"]) == 2  # what it says: the old --out is refused
+    assert "already holds checkpoints" in capsys.readouterr().err
 
 
 def test_demo_quick_writes_the_report_and_can_run_again(tmp_path):
@@ -129,3 +149,129 @@ def test_demo_quick_writes_the_report_and_can_run_again(tmp_path):
     assert "Does the dispersion descend twice?" in text
     untimed = lambda report: re.sub(r"Took \d+ s\.", "", report)  # noqa: E731
     assert untimed(first) == untimed(text)  # the same numbers, run again
+    folders = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert f" of {len(folders)} distinct runs" in text and "| bound / gap |" in text
+    assert (tmp_path / "runs" / ".jaxgen-demo").is_file()
+
+
+def _exit_code(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def test_settings_that_do_nothing_warn_one_line_each(tmp_path, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    argv = ["bound", "--preset", "paper-mnist-mlp", "--dataset", "mnist1d", "--epochs", "2",
+            "--lr-milestones", "1,5", "--always-wrong", "--out", str(blocked)]  # fmt: skip
+    assert _exit_code(argv) == 2  # the --out is refused after the warnings
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        "jaxgen bound: warning: --dataset mnist1d replaces the preset's mnist: the run is no "
+        "longer the setting of paper-mnist-mlp"
+    )
+    assert lines[1].endswith("warning: --epochs 2 replaces the preset's 500: the run is no "
+                             "longer the setting of paper-mnist-mlp")  # fmt: skip
+    assert "warning: lr_milestones 5 not before the last epoch (2)" in lines[2]
+    assert "warning: always_wrong does nothing without label_noise > 0" in lines[3]
+    assert len(lines) == 5 and "Traceback" not in "".join(lines)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, where):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    out = blocked if where == "a file" else blocked / "run"
+    assert _exit_code(["bound", *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: cannot write there (" in err
+
+
+def test_help_shows_each_flags_default(capsys):
+    assert _exit_code(["bound", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("--lr LR learning rate λ (default 0.01)", "(default mnist1d)",
+                    "GMP: σ of each perturbation (default 0.03)", "(default auto)"):  # fmt: skip
+        assert default in text, default
+
+
+def test_the_demo_refuses_a_runs_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    assert _exit_code(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "was not written by jaxgen demo" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "mine").is_dir()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs (``tmpfs(size, read_only)``): a real full or read-only disk."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False):
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                              capture_output=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_read_only_out_is_refused_with_the_cause(tmpfs, capsys):
+    out = tmpfs("64k", read_only=True) / "run"
+    assert _exit_code(["bound", *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and f"--out {out}: cannot write there (Read-only file system)" in err
+    )
+
+
+def test_a_full_disk_stops_with_one_line_and_its_checkpoint_resumes(tmpfs, tmp_path, capsys):
+    out = tmpfs("300k") / "run"
+    argv = ["bound", "--width", "512", "--epochs", "3", "--num-train", "60", "--batch-size", "20",
+            "--hessian-probes", "2", "--flatness-samples", "2", "--checkpoint-every", "3",
+            "--no-progress"]  # fmt: skip
+    assert _exit_code([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stopped: could not write" in err
+    assert "No space left on device" in err and "Traceback" not in err
+    step = int(re.search(r"the checkpoint of step (\d+)", err).group(1))
+    copy = tmp_path / "moved"  # the user makes room: here, by moving the run elsewhere
+    shutil.copytree(out, copy)
+    assert _exit_code([*argv, "--out", str(copy), "--resume"]) == 0
+    assert json.loads((copy / "result.json").read_text())["num_steps"] == 9 and step >= 3
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
+    argv = ["bound", "--epochs", "150", "--width", "8", "--num-train", "60", "--batch-size",
+            "20", "--hessian-probes", "2", "--flatness-samples", "2", "--checkpoint-every", "3",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    command = [sys.executable, "-m", "jaxgen.cli"]
+    process = subprocess.Popen([*command, *argv], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").glob("*")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "Event loop is closed" not in err
+    match = re.fullmatch(
+        r"jaxgen bound: interrupted; the last checkpoint is step (\d+) in (\S+); resume: (.+)",
+        last,
+    )
+    assert match and match.group(3).endswith("--resume"), last
+    resume = shlex.split(match.group(3))
+    assert resume[0] == "jaxgen" and resume[1:-1] == argv
+    done = subprocess.run([*command, *resume[1:]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["num_steps"] == 450

@@ -38,7 +38,8 @@ def test_bad_configurations_name_the_field(change, message):
         ("gmp", {"rho": 1.5}, r"gmp_rho must lie in \[0, 1\], got 1.5"),
         ("gmp", {"samples": 0}, "gmp_samples must be an integer >= 1, got 0"),
         ("dgc", {"start_epoch": -1}, "dgc_start_epoch must be an integer >= 0, got -1"),
-        ("dgc", {"alpha": 0.0}, "dgc_alpha must be a finite number > 0, got 0.0"),
+        ("dgc", {"alpha": 0.0}, r"dgc_alpha must lie in \(0, 1\], got 0.0"),
+        ("dgc", {"alpha": 2.0}, r"dgc_alpha must lie in \(0, 1\], got 2.0"),
         ("sam", {}, "method must be one of erm, gmp, dgc"),
     ],
 )

@@ -49,3 +49,10 @@ def test_implication_sentences_do_not_overclaim():
     text = "\n".join(lines)
     assert "final test accuracy 0.430 → 0.480 (up 5.0 points)" in text
     assert "best epoch 0.500 → 0.505 (unchanged within one point" in text
+
+
+def test_the_looseness_sentence_counts_each_run_once_and_gives_the_ratio_range():
+    runs = [Run(0.1, 0.5), Run(0.2, 0.3), Run(-0.05, 0.4), Run(0.5, 0.25)]
+    sentence = demo.looseness_sentence(runs)
+    assert sentence.startswith("In 3 of 4 distinct runs; where the gap is positive the bound")
+    assert "is 0.5× to 5× it" in sentence

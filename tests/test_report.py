@@ -1,5 +1,7 @@
 import collections
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -33,3 +35,12 @@ def test_npz_and_figures(tmp_path):
     assert report.sweep_figure(
         [8, 16], runs, tmp_path / "f1.png", xlabel="width", log_x=True
     ).exists()
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = report.write_text_atomic(tmp_path / "metrics.csv", "a,b\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

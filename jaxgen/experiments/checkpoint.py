@@ -2,18 +2,25 @@
 
 A checkpoint is written every ``checkpoint_every`` steps (and at the end) under
 ``DIR/checkpoints``; the two newest are kept. ``--resume`` restores the newest and
-continues to the same numbers as an uninterrupted run; it refuses a checkpoint written
-with another configuration, and a fresh run refuses a folder that already holds one.
+continues to the same numbers as an uninterrupted run. It first compares the stored
+configuration with the run's and names the fields that differ; a checkpoint that cannot
+be read is moved aside (``<step>.damaged``, nothing is deleted) and the next older one
+is used, with a warning. A save is never cut in half by Ctrl-C: the interrupt waits
+until the checkpoint is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from jaxgen.experiments.options import ConfigError
+from jaxgen.experiments.errors import ConfigError, RunWarning
 from jaxgen.experiments.results import StepLogs
 
 
@@ -26,6 +33,32 @@ def _storable(leaves: list) -> list:
     return [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold a SIGINT that arrives inside the block until the block is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"field: stored → current"`` for every setting that differs."""
+    names = sorted(set(stored) | set(current))
+    return [
+        f"{name}: {stored.get(name)!r} → {current.get(name)!r}"
+        for name in names
+        if stored.get(name) != current.get(name)
+    ]
+
+
 class Checkpoints:
     """Save and restore ``(state, logs)`` with the configuration they belong to."""
 
@@ -33,45 +66,94 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self.directory = directory.absolute()
+        self._open()
+
+    def _open(self) -> None:
+        options = self._ocp.CheckpointManagerOptions(
+            max_to_keep=2, enable_async_checkpointing=False
+        )
+        self.manager = self._ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, logs: StepLogs, config: dict[str, Any]) -> None:
         ocp = self._ocp
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_storable(jax.tree_util.tree_leaves(state))),
-                logs=ocp.args.JsonSave(logs.to_json() | {"config": config}),
-            ),
-        )
-        self.manager.wait_until_finished()
+        with _interrupts_deferred():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_storable(jax.tree_util.tree_leaves(state))),
+                    logs=ocp.args.JsonSave(logs.to_json() | {"config": config}),
+                ),
+            )
+            self.manager.wait_until_finished()
 
     def restore(self, template: Any, config: dict[str, Any]) -> tuple[Any, StepLogs] | None:
-        """The newest checkpoint as ``(state like template, logs)``, or ``None``."""
-        step = self.latest_step()
-        if step is None:
-            return None
+        """The newest intact checkpoint as ``(state like template, logs)``, or ``None``.
+
+        Raises ``ConfigError`` if it was written with another configuration, or if
+        checkpoints exist and none of them can be read.
+        """
+        damaged = []
+        while (step := self.latest_step()) is not None:
+            try:
+                saved = self._restore_logs(step)
+            except Exception as error:  # orbax and TensorStore raise many types
+                damaged.append(self._set_aside(step, error))
+                continue
+            changes = config_changes(saved.pop("config"), config)
+            if changes:
+                raise ConfigError(
+                    f"--resume: the checkpoint in {self.directory} was written with other "
+                    f"settings ({'; '.join(changes)}); use the same arguments, or another --out"
+                )
+            try:
+                state = self._restore_state(step, template)
+            except Exception as error:
+                damaged.append(self._set_aside(step, error))
+                continue
+            return state, StepLogs.from_json(saved)
+        if damaged:
+            raise ConfigError(
+                f"--resume: no intact checkpoint in {self.directory} ({'; '.join(damaged)}); "
+                "start over with another --out, or remove that folder yourself"
+            )
+        return None
+
+    def _restore_logs(self, step: int) -> dict[str, Any]:
+        ocp = self._ocp
+        restored = self.manager.restore(step, args=ocp.args.Composite(logs=ocp.args.JsonRestore()))
+        return dict(restored["logs"])
+
+    def _restore_state(self, step: int, template: Any) -> Any:
         ocp = self._ocp
         leaves, treedef = jax.tree_util.tree_flatten(template)
         abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _storable(leaves)]
         restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), logs=ocp.args.JsonRestore()
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )
-        saved = dict(restored["logs"])
-        if saved.pop("config") != config:
-            raise ConfigError(
-                "--resume: the checkpoint was written with a different configuration; "
-                "use the same arguments or another --out"
-            )
         state = [
             jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x
             for x, t in zip(restored["state"], leaves, strict=True)
         ]
-        return jax.tree_util.tree_unflatten(treedef, state), StepLogs.from_json(saved)
+        return jax.tree_util.tree_unflatten(treedef, state)
+
+    def _set_aside(self, step: int, error: Exception) -> str:
+        """Rename a damaged checkpoint to ``<step>.damaged`` and say so."""
+        source = self.directory / str(step)
+        target = source.with_name(f"{step}.damaged")
+        suffix = 1
+        while target.exists():
+            target, suffix = source.with_name(f"{step}.damaged-{suffix}"), suffix + 1
+        source.rename(target)
+        self._open()
+        cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(
+            f"checkpoint step {step} in {self.directory} is damaged ({cause[:200]}); moved "
+            f"it aside to {target.name} and trying the next older one",
+            RunWarning,
+            stacklevel=3,
+        )
+        return f"step {step}: {cause[:200]}"

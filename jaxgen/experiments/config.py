@@ -99,6 +99,19 @@ class TrainConfig:
         summary = self.method.summary()
         return f"{text}, with {summary}" if summary else text
 
+    def notices(self) -> list[str]:
+        """Settings that are valid but do nothing in this configuration."""
+        notices = []
+        late = [m for m in self.lr_milestones if m >= self.epochs]
+        if late:
+            notices.append(
+                f"lr_milestones {', '.join(map(str, late))} not before the last epoch "
+                f"({self.epochs}): the learning rate never changes there"
+            )
+        if self.always_wrong and self.label_noise == 0:
+            notices.append("always_wrong does nothing without label_noise > 0")
+        return notices
+
     def learning_rates(self, steps_per_epoch: int) -> np.ndarray:
         """``λ_t`` for every step: ``lr``, times ``lr_factor`` at each milestone epoch."""
         epochs = np.arange(self.epochs * steps_per_epoch) // steps_per_epoch

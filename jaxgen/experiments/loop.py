@@ -9,9 +9,14 @@ or weight stops the run and keeps the last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import re
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -25,14 +30,10 @@ from jaxgen.experiments import data, methods, models, results, rng
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.checkpoint import Checkpoints
 from jaxgen.experiments.config import TrainConfig
+from jaxgen.experiments.errors import ConfigError, OutputError, RunWarning, TrainingDiverged
 from jaxgen.experiments.estimates import Estimates
-from jaxgen.experiments.options import ConfigError
 from jaxgen.experiments.results import EpochMetrics, RunResult, StepLogs
 from jaxgen.experiments.step import Evaluator, TrainState, make_segment, make_train_step
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became non-finite; the last good checkpoint is kept."""
 
 
 def prepare_data(config: TrainConfig) -> data.Dataset:
@@ -77,6 +78,9 @@ def run(
     ``dispersion.png`` to ``out_dir``; return the ``RunResult``."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    for notice in config.notices():
+        warnings.warn(notice, RunWarning, stacklevel=2)
+    _check_writable(out_dir)
     dataset = prepare_data(config)
     steps_per_epoch = dataset.num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
@@ -94,7 +98,7 @@ def run(
         for segment in _segments(config, int(state.step), steps_per_epoch, dataset.num_train):
             order = segment.order
             state, metrics = parts.segment(state, {"x": x_train[order], "y": y_train[order]})
-            _stop_if_diverged(state, metrics, segment.start, segment.epoch, checkpoints)
+            _stop_if_diverged(state, metrics, segment, config, checkpoints)
             logs.extend(metrics)
             if segment.ends_epoch:
                 variances = logs.variances[-steps_per_epoch:]
@@ -107,7 +111,8 @@ def run(
                 for callback in callbacks:
                     callback.on_epoch(row)
             if segment.checkpoint:
-                checkpoints.save(segment.start + len(order), state, logs, config.as_dict())
+                with _writing(checkpoints):
+                    checkpoints.save(segment.start + len(order), state, logs, config.as_dict())
             dispersion = _nanmean(metrics.variance) * config.batch_size
             for callback in callbacks:
                 callback.on_steps(
@@ -125,7 +130,8 @@ def run(
     result = results.summarize(config, lrs, logs, final, n=n, version=jaxgen.__version__)
     result = dataclasses.replace(result, seconds=time.perf_counter() - started)
     title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
-    results.write(out_dir, result, lrs, logs, title=title)
+    with _writing(checkpoints):
+        results.write(out_dir, result, lrs, logs, title=title)
     return result
 
 
@@ -223,7 +229,7 @@ def _start(checkpoints: Checkpoints, state: TrainState, config: TrainConfig, *, 
     return state, StepLogs()
 
 
-def _stop_if_diverged(state, metrics, step: int, epoch: int, checkpoints: Checkpoints) -> None:
+def _stop_if_diverged(state, metrics, segment, config, checkpoints: Checkpoints) -> None:
     losses = np.asarray(metrics.loss, np.float64)
     weights_finite = all(
         bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(state.params)
@@ -231,11 +237,58 @@ def _stop_if_diverged(state, metrics, step: int, epoch: int, checkpoints: Checkp
     if np.all(np.isfinite(losses)) and weights_finite:
         return
     first = np.flatnonzero(~np.isfinite(losses))
-    bad = step + (int(first[0]) + 1 if first.size else len(losses))
+    bad = segment.start + (int(first[0]) + 1 if first.size else len(losses))
+    kept = checkpoints.latest_step()
+    where = f"; its last finite checkpoint (step {kept}) stays in {checkpoints.directory}"
     raise TrainingDiverged(
-        f"non-finite training loss or weights at step {bad} (epoch {epoch + 1}); the "
-        f"last good checkpoint (step {checkpoints.latest_step()}) is kept; lower --lr"
+        f"non-finite training loss or weights at step {bad} (epoch {segment.epoch + 1}). "
+        "A run keeps one learning-rate schedule from its first step (the bounds sum over "
+        f"it), so it cannot go on at a lower rate: start over with a lower --lr (this run: "
+        f"{config.lr}) and another --out" + (where if kept is not None else "")
     )
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Refuse, before training, an output folder that cannot be made or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        cause = error.strerror or type(error).__name__
+        raise ConfigError(f"--out {out_dir}: cannot write there ({cause})") from error
+
+
+@contextlib.contextmanager
+def _writing(checkpoints: Checkpoints):
+    """Turn a failed write into an ``OutputError`` that names the file and what survives."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        where, cause = _os_failure(error)
+        if cause is None:
+            raise
+        where = where or checkpoints.directory.parent
+        kept = checkpoints.latest_step()
+        survives = (
+            f"the checkpoint of step {kept} in {checkpoints.directory} is intact: make room "
+            "and run the same command with --resume"
+            if kept is not None
+            else "no checkpoint was written"
+        )
+        raise OutputError(f"could not write {where}: {cause}; {survives}") from error
+
+
+def _os_failure(error: Exception) -> tuple[str | None, str | None]:
+    """``(file, cause)`` of a failed write: an ``OSError``, or TensorStore's ``ValueError``
+    that carries an OS error code; ``(None, None)`` for anything else."""
+    if isinstance(error, OSError):
+        return error.filename, error.strerror or str(error)
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code is None:
+        return None, None
+    path = re.search(r'"(/[^"]+)"', str(error))
+    return (path.group(1) if path else None), os.strerror(int(code.group(1)))
 
 
 def _nanmean(values) -> float:

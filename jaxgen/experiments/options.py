@@ -15,9 +15,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxgen.experiments.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A run's configuration cannot work (bad value, incompatible model and data)."""
+__all__ = ["Check", "ConfigError", "option", "validate", "add_flags", "values_from"]
 
 
 @dataclasses.dataclass(frozen=True)

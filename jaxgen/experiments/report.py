@@ -21,6 +21,7 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600; files get the usual mode
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
             stream.flush()
@@ -30,6 +31,12 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -90,7 +97,8 @@ def dispersion_figure(epochs: Sequence[Any], path, *, title: str = "") -> Path:
         )
     right.set_ylabel("accuracy")
     right.set_ylim(0, 1.02)
-    right.legend(loc="center right", fontsize=8)
+    lines = left.get_lines() + right.get_lines()
+    right.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     left.set_title(title)
     return _save(figure, path)
 
@@ -116,6 +124,7 @@ def sweep_figure(
     if log_x:
         axis.set_xscale("log", base=2)
     axis.set_xlabel(xlabel)
+    axis.set_ylabel("generalization gap and bound (log scale)")
     axis.set_title(title)
     axis.legend()
     return _save(figure, path)
