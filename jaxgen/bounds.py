@@ -174,10 +174,13 @@ def neu2021(
     )
     _scalar_arg("flatness", flatness)
     _checks.finite("flatness", _value(flatness))
-    sensitivities, variances = jnp.asarray(sensitivities), jnp.asarray(variances)
+    return _neu2021(lrs, sigmas, sensitivities, variances, _value(flatness), R, n)
+
+
+@jax.jit
+def _neu2021(lrs, sigmas, sensitivities, variances, flatness, R, n):
     per_step = jnp.where(_valid(sensitivities, variances), sensitivities + variances, jnp.nan)
-    first = _trajectory(jnp.asarray(lrs), jnp.asarray(sigmas), per_step, R, n)
-    return 2.0 * first + jnp.abs(_value(flatness))
+    return 2.0 * _trajectory(lrs, sigmas, per_step, R, n) + jnp.abs(flatness)
 
 
 def theorem1(
