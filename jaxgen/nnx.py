@@ -20,13 +20,17 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen._types import LossFn, PyTree
 
 
 def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
-    """``−log softmax(logits)[label]`` for one example."""
+    """``−log softmax(logits)[label]`` for one example and an integer class; for a
+    probability vector ``label`` (smoothed or mixed targets), ``−Σ_c label_c log p_c``."""
+    if jnp.ndim(label) == jnp.ndim(logits):
+        return -jnp.sum(label * jax.nn.log_softmax(logits), axis=-1)
     return -jax.nn.log_softmax(logits)[label]
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from jaxgen import cli
-from jaxgen.experiments import methods
+from jaxgen.experiments import flags, methods
 from jaxgen.experiments.config import TrainConfig
 from jaxgen.experiments.errors import RunWarning
 
@@ -67,7 +67,7 @@ def test_presets_then_flags_then_the_method_make_the_config():
          "--gmp-sigma", "0.05", "--dispersion-method", "vmap", "--lr-milestones", "1,2"]
     )  # fmt: skip
     with pytest.warns(RunWarning, match="--epochs 3 replaces the preset's 500"):
-        config = cli.config_from_args(args)
+        config = flags.config_from_args(args)
     assert (config.dataset, config.model, config.width, config.batch_size) == (
         "mnist",
         "mlp",
@@ -76,7 +76,7 @@ def test_presets_then_flags_then_the_method_make_the_config():
     )
     assert (config.lr, config.epochs, config.lr_milestones) == (0.01, 3, (1, 2))
     assert config.method == methods.GMP(sigma=0.05) and config.dispersion_method == "vmap"
-    assert cli.config_from_args(cli._parser().parse_args(["bound"])) == TrainConfig()
+    assert flags.config_from_args(cli._parser().parse_args(["bound"])) == TrainConfig()
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def test_bad_configurations_name_the_field(change, message):
         ("dgc", {"start_epoch": -1}, "dgc_start_epoch must be an integer >= 0, got -1"),
         ("dgc", {"alpha": 0.0}, r"dgc_alpha must lie in \(0, 1\], got 0.0"),
         ("dgc", {"alpha": 2.0}, r"dgc_alpha must lie in \(0, 1\], got 2.0"),
-        ("sam", {}, "method must be one of erm, gmp, dgc"),
+        ("lookahead", {}, "method must be one of erm, gmp, amp, sam, dgc, dropout"),
     ],
 )
 def test_bad_method_hyperparameters_name_the_method_and_field(name, change, message):

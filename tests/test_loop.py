@@ -10,7 +10,7 @@ import pytest
 
 import jaxgen
 from jaxgen import bounds
-from jaxgen.experiments import loop, methods, models
+from jaxgen.experiments import loop, methods, models, task
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.config import TrainConfig
 from jaxgen.experiments.options import ConfigError
@@ -39,7 +39,8 @@ def test_logged_dispersion_is_gradient_dispersion_along_the_same_trajectory(tiny
     _, steps = _load(out)
     dataset = loop.prepare_data(TINY)
     model = models.build("mlp", dataset.x_train.shape[1:], 10, TINY.width, seed=TINY.seed)
-    loss_fn, params, _ = models.per_example_loss("mlp", model)
+    pure = task.trainable("mlp", model)
+    loss_fn, params = pure.loss_fn, pure.params
     steps_per_epoch = 60 // 20
     t = 0
     for epoch in range(TINY.epochs):

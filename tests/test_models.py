@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgen.experiments import models
+from jaxgen.experiments import models, task
 
 
 def _count(model):
@@ -50,14 +50,14 @@ def test_alexnet_matches_the_classic_cifar_sizes():
 
 def test_squared_loss_targets_and_correctness():
     model = models.build("linear", (3,), 10, 1)
-    loss_fn, params, merge = models.per_example_loss("linear", model)
-    params = jax.tree_util.tree_map(lambda _: jnp.array([1.0, 0.0, 0.0]), params)
+    pure = task.trainable("linear", model)
+    params = jax.tree_util.tree_map(lambda _: jnp.array([1.0, 0.0, 0.0]), pure.params)
     example = {"x": jnp.array([0.5, 0.0, 0.0]), "y": jnp.int32(3)}  # odd -> target −1
-    np.testing.assert_allclose(loss_fn(params, example), 0.5 * (-1 - 0.5) ** 2)
-    outputs = merge(params)(jnp.array([[0.5, 0, 0], [-0.5, 0, 0]]))
-    assert models.correct(outputs, jnp.array([2, 3])).tolist() == [True, True]
+    np.testing.assert_allclose(pure.loss_fn(params, example), 0.5 * (-1 - 0.5) ** 2)
+    outputs = pure.predict(params, pure.model_state, jnp.array([[0.5, 0, 0], [-0.5, 0, 0]]))
+    assert task.correct(outputs, jnp.array([2, 3])).tolist() == [True, True]
     logits = jnp.array([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
-    assert models.correct(logits, jnp.array([1, 2])).tolist() == [True, False]
+    assert task.correct(logits, jnp.array([1, 2])).tolist() == [True, False]
 
 
 def test_only_convolutional_models_are_stepped_one_update_at_a_time():

@@ -30,5 +30,9 @@ def test_notebook_outputs_are_stripped(path):
             assert cell.outputs == [] and cell.execution_count is None
 
 
-def test_both_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} == {"quickstart.ipynb", "figures.ipynb"}
+def test_the_notebooks_exist():
+    assert {p.name for p in NOTEBOOKS} == {
+        "quickstart.ipynb",
+        "figures.ipynb",
+        "regularizers.ipynb",
+    }

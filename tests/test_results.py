@@ -19,7 +19,7 @@ def _result(**changes):
     }
     rows = (EpochMetrics(1, 2.0, 2.5, 0.3, 0.2, 0.3, math.nan, 7.0),)
     values = fields | {"config": TrainConfig().as_dict(), "optimizer": "SGD", "epochs": rows}
-    values["seconds"] = 12.5
+    values |= {"seconds": 12.5, "seconds_per_epoch": 1.5, "tracking": "V_t measured"}
     return RunResult(**values | changes)
 
 
@@ -29,6 +29,7 @@ def test_result_json_has_the_fields_and_omits_theorems_of_other_models():
     assert values["theorem2_bound"] == 0.5
     assert "theorem3_bound" not in values and "final_active_fraction" not in values
     assert "epochs" not in values and "seconds" in values
+    assert "eq2_bound" not in _result(eq2_bound=None).to_json()  # bounds not estimated
 
 
 def test_written_files_read_back_as_the_same_result(tmp_path):
@@ -59,7 +60,9 @@ def test_a_non_positive_trace_gives_nan_second_order_bounds_not_a_crash():
     flatness = jaxgen.MonteCarloEstimate(jnp.float32(0.0), jnp.float32(0.0), 4)
     estimates = results.FinalEstimates(trace, 6, flatness, results.optimal_sigma(
         config, [0.1, 0.1], logs, trace, 60), None)  # fmt: skip
-    result = results.summarize(config, [0.1, 0.1], logs, estimates, n=60, version="test")
+    result = results.summarize(
+        config, [0.1, 0.1], logs, estimates, n=60, version="test", tracking="V_t measured"
+    )
     for value in (result.optimal_sigma, result.eq2_bound, result.theorem1_bound):
         assert math.isnan(value)
     assert result.hessian_trace == -3.0 and result.sum_lr2_variance > 0

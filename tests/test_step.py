@@ -68,7 +68,7 @@ def test_method_hooks_enter_the_step(mlp):
     params, batch = mlp
 
     class Scaled(methods.ERM):
-        def batch(self, params, batch, key):
+        def batch(self, params, batch, key, task):
             return {"x": 2 * batch["x"], "y": batch["y"]}
 
         def post(self, loss, grad):

@@ -20,6 +20,7 @@ from jaxgen.experiments.options import (
     ANY_INT,
     FLAG,
     HALF_OPEN_UNIT,
+    NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
@@ -34,6 +35,7 @@ from jaxgen.experiments.options import (
 )
 
 DISPERSION_METHODS = ("auto", "ghost", "vmap")
+AUGMENTATIONS = ("none", "crop", "crop-flip", "paper")
 _METHOD = Check(
     "be a training method (jaxgen.experiments.methods)",
     str,
@@ -73,6 +75,16 @@ class TrainConfig:
     )
     lr_factor: float = option(0.1, "learning-rate factor at each milestone", POSITIVE)
     momentum: float = option(0.0, "SGD momentum; 0 is the plain SGD of the theory", HALF_OPEN_UNIT)
+    nesterov: bool = option(False, "Nesterov momentum (with --momentum)", FLAG)
+    weight_decay: float = option(
+        0.0, "L2 weight decay added to the gradient (as in PyTorch's SGD)", NON_NEGATIVE
+    )
+    augment: str = option(
+        "none",
+        "on-device augmentation of image batches: random crop after 4-pixel zero padding, "
+        "and horizontal flips; paper: crop-flip on CIFAR, crop on SVHN",
+        one_of(AUGMENTATIONS),
+    )
     seed: int = option(0, "seed of the initialisation, data order and every estimate", ANY_INT)
     checkpoint_every: int = option(0, "steps between checkpoints (0: one epoch)", NON_NEGATIVE_INT)
     # Bound tracking.
@@ -81,6 +93,9 @@ class TrainConfig:
     )
     dispersion_method: str = option(
         "auto", "how V_t is computed (jaxgen.gradient_dispersion)", one_of(DISPERSION_METHODS)
+    )
+    bounds: bool = option(
+        True, "at the end, measure Tr H and the flatness and compute every bound", FLAG
     )
     R: float = option(0.1, "sub-Gaussian constant of the loss (the authors' choice)", POSITIVE)
     hessian_probes: int = option(100, "Hutchinson probes for Tr H", POSITIVE_INT)
@@ -92,10 +107,13 @@ class TrainConfig:
     @property
     def optimizer_description(self) -> str:
         """Which optimizer the run used, as ``result.json`` and the report say it."""
-        if self.momentum == 0:
+        extras = (", Nesterov" if self.nesterov else "") + (
+            f", weight decay {self.weight_decay}" if self.weight_decay else ""
+        )
+        if self.momentum == 0 and not extras:
             text = "plain SGD (no momentum: the setting of the theory)"
         else:
-            text = f"SGD with momentum {self.momentum} (the bounds assume plain SGD)"
+            text = f"SGD with momentum {self.momentum}{extras} (the bounds assume plain SGD)"
         summary = self.method.summary()
         return f"{text}, with {summary}" if summary else text
 
@@ -110,6 +128,8 @@ class TrainConfig:
             )
         if self.always_wrong and self.label_noise == 0:
             notices.append("always_wrong does nothing without label_noise > 0")
+        if self.nesterov and self.momentum == 0:
+            notices.append("nesterov does nothing without momentum > 0")
         return notices
 
     def learning_rates(self, steps_per_epoch: int) -> np.ndarray:
@@ -158,6 +178,26 @@ PRESETS: dict[str, Preset] = {
             "epochs": 500,
             "batch_size": 60,
             "lr": 0.01,
+        },
+    ),
+    "paper-gmp": Preset(
+        "Wang & Mao (ICLR 2022), GMP tables: 200 epochs, batch 50, SGD lr 0.1 with Nesterov "
+        "momentum 0.9, weight decay 1e-4, lr ×0.1 at epochs 100 and 150, random crop (+ flip "
+        "on CIFAR); pick --dataset (svhn_cropped, cifar10, cifar100) and --model (vgg16, "
+        "preactresnet18); metric: best test accuracy",
+        "jaxgen compare --preset paper-gmp --dataset cifar10 --model preactresnet18 --methods "
+        "erm,dropout,label-smoothing,flooding,mixup,adversarial,amp,gmp,gmp:samples=10 "
+        "--seeds 10 --data-dir ~/tensorflow_datasets --out runs/gmp-table",
+        {
+            "epochs": 200,
+            "batch_size": 50,
+            "lr": 0.1,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 1e-4,
+            "lr_milestones": (100, 150),
+            "lr_factor": 0.1,
+            "augment": "paper",
         },
     ),
     "paper-cifar10-alexnet": Preset(

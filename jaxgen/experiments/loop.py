@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxgen
-from jaxgen.experiments import data, methods, models, results, rng
+from jaxgen.experiments import augment, data, methods, models, results, rng, task
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.checkpoint import Checkpoints
 from jaxgen.experiments.config import TrainConfig
@@ -89,11 +89,12 @@ def run(
 
     checkpoints = Checkpoints(out_dir / "checkpoints")
     state, logs = _start(checkpoints, parts.state, config, resume=resume, out_dir=out_dir)
-    if not logs.frobenius:
+    if parts.estimates is not None and not logs.frobenius:
         logs.frobenius.append(parts.estimates.hessian_frobenius_sq(state.params, 0))
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     for callback in callbacks:
         callback.on_start(total_steps, int(state.step))
+    epoch_started = time.perf_counter()
     try:
         for segment in _segments(config, int(state.step), steps_per_epoch, dataset.num_train):
             order = segment.order
@@ -102,14 +103,15 @@ def run(
             logs.extend(metrics)
             if segment.ends_epoch:
                 variances = logs.variances[-steps_per_epoch:]
-                row = _evaluate(
-                    parts.evaluator, state.params, dataset, variances, segment.epoch, config
-                )
+                row = _evaluate(parts.evaluator, state, dataset, variances, segment.epoch, config)
                 logs.epochs.append(row)
-                frobenius = parts.estimates.hessian_frobenius_sq(state.params, segment.epoch + 1)
-                logs.frobenius.append(frobenius)
+                logs.epoch_seconds.append(time.perf_counter() - epoch_started)
+                if parts.estimates is not None:
+                    frobenius = parts.estimates.hessian_frobenius_sq(state.params, row.epoch)
+                    logs.frobenius.append(frobenius)
                 for callback in callbacks:
                     callback.on_epoch(row)
+                epoch_started = time.perf_counter()
             if segment.checkpoint:
                 with _writing(checkpoints):
                     checkpoints.save(segment.start + len(order), state, logs, config.as_dict())
@@ -125,9 +127,16 @@ def run(
         for callback in callbacks:
             callback.on_end()
 
-    final = parts.estimates.final(state.params, lrs, logs)
-    n = dataset.num_train
-    result = results.summarize(config, lrs, logs, final, n=n, version=jaxgen.__version__)
+    final = None if parts.estimates is None else parts.estimates.final(state.params, lrs, logs)
+    result = results.summarize(
+        config,
+        lrs,
+        logs,
+        final,
+        n=dataset.num_train,
+        version=jaxgen.__version__,
+        tracking=parts.tracking,
+    )
     result = dataclasses.replace(result, seconds=time.perf_counter() - started)
     title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
     with _writing(checkpoints):
@@ -139,41 +148,67 @@ class _Parts(NamedTuple):
     state: TrainState  # the initial state
     segment: Callable  # segment(state, batches) -> (state, StepMetrics over the batches)
     evaluator: Evaluator
-    estimates: Estimates
+    estimates: Estimates | None  # None without bounds
+    tracking: str  # whether and how V_t is measured, for result.json
 
 
 def _assemble(config: TrainConfig, dataset: data.Dataset, lrs, steps_per_epoch: int) -> _Parts:
     """The model, the method's optimizer and step, the evaluator and the estimators."""
-    loss_fn, params, merge = _model(config, dataset)
+    spec = models.SPECS[config.model]
+    model = _model(config, dataset)
     active_fraction = None
     if config.model == "two-layer-relu":
-        active_fraction = lambda params, x: merge(params).active_fraction(x)  # noqa: E731
+        fixed = model.model_state
+
+        def active_fraction(params, x):
+            return model.merge(params, fixed).active_fraction(x)
+
     optimizer = methods.optimizer(
         config.method,
         lrs,
         momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
         key=rng.key(config.seed, rng.Stream.GMP),
         steps_per_epoch=steps_per_epoch,
     )
     train_step = make_train_step(
-        loss_fn,
+        model,
         optimizer,
         config.method,
+        num_classes=0 if spec.regression else dataset.num_classes,
         track_every=config.track_every,
         dispersion_method=config.dispersion_method,
+        augmentation=augment.resolve(config.augment, config.dataset, dataset.x_train.shape[1:]),
         active_fraction=active_fraction,
     )
     state = TrainState(
         jnp.zeros((), jnp.int32),
-        params,
-        optimizer.init(params),
+        model.params,
+        optimizer.init(model.params),
         rng.key(config.seed, rng.Stream.STEP),
+        model.model_state,
     )
+    if model.per_example:
+        every = "every step" if config.track_every == 1 else f"every {config.track_every} steps"
+        tracking = (
+            f"V_t measured {every} by gradient_dispersion (method {config.dispersion_method}) "
+            "from the gradient the update uses"
+        )
+    else:
+        tracking = (
+            f"V_t not measured: {config.model} trains with BatchNorm batch statistics, which "
+            "give no per-example loss"
+        )
+    estimates = None
+    if config.bounds:
+        estimates = Estimates(config, dataset, model.loss_fn, active_fraction)
     return _Parts(
         state,
-        make_segment(train_step, scan=not models.SPECS[config.model].convolutional),
-        Evaluator(loss_fn, lambda p, x: merge(p)(x), models.correct),
-        Estimates(config, dataset, loss_fn, active_fraction),
+        make_segment(train_step, scan=not spec.convolutional),
+        Evaluator(model.predict, model.pointwise, task.correct),
+        estimates,
+        tracking,
     )
 
 
@@ -201,7 +236,19 @@ def _segments(config: TrainConfig, start: int, steps_per_epoch: int, n: int):
         step = after
 
 
-def _model(config: TrainConfig, dataset: data.Dataset):
+def _model(config: TrainConfig, dataset: data.Dataset) -> task.Trainable:
+    spec = models.SPECS[config.model]
+    if spec.regression and config.method.needs_classes:
+        raise ConfigError(
+            f"method {config.method.name} needs a classifier; {config.model} is a regression "
+            "model (Theorems 2 and 3)"
+        )
+    if spec.batchnorm and config.bounds:
+        raise ConfigError(
+            f"model {config.model} trains with BatchNorm batch statistics, so it has no "
+            "per-example loss: V_t and the bounds cannot be measured; train it with "
+            "`jaxgen train` (or --no-bounds)"
+        )
     try:
         model = models.build(
             config.model,
@@ -209,8 +256,9 @@ def _model(config: TrainConfig, dataset: data.Dataset):
             dataset.num_classes,
             config.width,
             seed=config.seed,
+            dropout=config.method.model_dropout,
         )
-        return models.per_example_loss(config.model, model)
+        return task.trainable(config.model, model)
     except ValueError as error:
         raise ConfigError(f"model {config.model}: {error}") from error
 
@@ -298,10 +346,11 @@ def _nanmean(values) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def _evaluate(evaluator, params, dataset, variances, epoch: int, config) -> EpochMetrics:
+def _evaluate(evaluator, state, dataset, variances, epoch: int, config) -> EpochMetrics:
     """The full splits at the end of ``epoch``; ``variances``: the epoch's ``V_t``."""
-    train_losses, train_correct = evaluator(params, dataset.x_train, dataset.y_train)
-    test_losses, test_correct = evaluator(params, dataset.x_test, dataset.y_test)
+    params, model_state = state.params, state.model_state
+    train_losses, train_correct = evaluator(params, model_state, dataset.x_train, dataset.y_train)
+    test_losses, test_correct = evaluator(params, model_state, dataset.x_test, dataset.y_test)
     noisy = dataset.noisy_mask
     return EpochMetrics(
         epoch=epoch + 1,

@@ -3,29 +3,39 @@
 One training step serves every method (``step.py``); a method changes it only through
 its hooks, each the identity for ERM:
 
-    batch'  = method.batch(params, batch, key)               # e.g. mixup, adversarial inputs
-    loss_i  = method.loss(loss_fn)                           # e.g. label smoothing
+    batch'  = method.batch(params, batch, key, task)         # mixup, smoothing, adversarial
+    loss_i  = method.loss(loss_fn)                           # the per-example loss
     stats   = gradient_dispersion(loss_i, params, batch')    # ḡ and V_t in one pass
-    grad    = method.post(stats.loss, stats.grad)            # e.g. flooding
-    updates = optax.chain(method.transform(...), sgd)        # e.g. GMP, clipping
+    grad    = method.post(stats.loss, stats.grad)            # flooding
+    updates = optax.chain(method.transform(...), sgd)        # GMP, AMP, SAM, clipping
 
-Hyper-parameters are ``options`` fields, so each also becomes a command-line flag named
-``--<method>-<field>`` with the paper's default. Adding a method is one class here with
-``@register``: the CLI, the config and the result files pick it up.
+plus ``model_dropout``, the dropout rate the model is built with. Hyper-parameters are
+``options`` fields, so each also becomes a command-line flag ``--<method>-<field>``
+with the paper's default (Wang & Mao, ICLR 2022, "GMP tables"). Adding a method is one
+class here with ``@register``: the CLI, the config and the result files pick it up.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import jaxgen
 from jaxgen._types import LossFn, PyTree
 from jaxgen.experiments import options
-from jaxgen.experiments.options import FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT
+from jaxgen.experiments.options import (
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT,
+)
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -34,6 +44,18 @@ def register(cls: type[Method]) -> type[Method]:
     """Add a method class to the registry under its ``name``."""
     REGISTRY[cls.name] = cls
     return cls
+
+
+class Task(NamedTuple):
+    """What a batch hook may use: the minibatch loss and the number of classes.
+
+    ``batch_loss(params, batch)`` is the mean training loss of a batch (for BatchNorm
+    models, with batch statistics that are then discarded); ``num_classes`` is 0 for the
+    regression models of Theorems 2 and 3.
+    """
+
+    batch_loss: Callable[[PyTree, PyTree], jax.Array]
+    num_classes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +68,15 @@ class Method:
 
     name: ClassVar[str]
     description: ClassVar[str]
+    needs_classes: ClassVar[bool] = False  # soft labels: not for the regression models
 
     def __post_init__(self):
         options.validate(self, prefix=f"{self.name}_")
+
+    @property
+    def model_dropout(self) -> float:
+        """The dropout rate the model is built with (0: none)."""
+        return 0.0
 
     def transform(
         self, *, key: jax.Array, steps_per_epoch: int
@@ -60,7 +88,7 @@ class Method:
         """The per-example loss the step differentiates."""
         return loss_fn
 
-    def batch(self, params: PyTree, batch: PyTree, key: jax.Array) -> PyTree:
+    def batch(self, params: PyTree, batch: PyTree, key: jax.Array, task: Task) -> PyTree:
         """The minibatch the step trains on (``key``: fresh for every step)."""
         return batch
 
@@ -83,6 +111,13 @@ def make(name: str, **hyperparameters: Any) -> Method:
     return REGISTRY[name](**hyperparameters)
 
 
+def _one_hot(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Integer labels as one-hot rows; soft labels (already rows) unchanged."""
+    if labels.ndim == 2:
+        return labels
+    return jax.nn.one_hot(labels, num_classes)
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class ERM(Method):
@@ -100,7 +135,7 @@ class GMP(Method):
         "Gaussian model perturbation (Algorithm 2): (1−ρ)∇L_B(w) + ρ·mean_j ∇L_B(w+Δ_j); "
         "V_t is that of the clean minibatch gradient"
     )
-    samples: int = options.option(3, "GMP: k, perturbations per step", POSITIVE_INT)
+    samples: int = options.option(3, "GMP: k, perturbations per step (paper: 3, 10)", POSITIVE_INT)
     sigma: float = options.option(0.03, "GMP: σ of each perturbation", POSITIVE)
     rho: float = options.option(0.5, "GMP: ρ, the weight of the perturbed gradients", UNIT)
 
@@ -112,6 +147,51 @@ class GMP(Method):
             f"GMP (k={self.samples}, σ={self.sigma}, ρ={self.rho}; "
             "V_t is that of the clean minibatch gradient)"
         )
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class AMP(Method):
+    """Adversarial model perturbation (Zheng, Zhang & Mao, CVPR 2021)."""
+
+    name = "amp"
+    description = (
+        "adversarial model perturbation: the gradient at the loss's maximum within an L2 "
+        "ball of radius ε around w; V_t is that of the clean minibatch gradient"
+    )
+    epsilon: float = options.option(
+        0.5, "AMP: ε, the ball's radius (paper: 0.5 PreActResNet18, 0.1 VGG16)", NON_NEGATIVE
+    )
+    inner_lr: float = options.option(
+        1.0, "AMP: ascent step (paper: 1 PreActResNet18, 0.2 VGG16)", NON_NEGATIVE
+    )
+    inner_steps: int = options.option(1, "AMP: ascent steps", POSITIVE_INT)
+
+    def transform(self, *, key, steps_per_epoch):
+        return jaxgen.amp(self.epsilon, self.inner_lr, self.inner_steps)
+
+    def summary(self):
+        return f"AMP (ε={self.epsilon}, ascent step {self.inner_lr}, {self.inner_steps} step(s))"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SAM(Method):
+    """Sharpness-aware minimisation (Foret et al., 2021) through ``optax.contrib.sam``."""
+
+    name = "sam"
+    description = (
+        "sharpness-aware minimisation (optax.contrib.sam): the gradient at "
+        "w + ρ∇L_B/‖∇L_B‖; V_t is that of the clean minibatch gradient"
+    )
+    rho: float = options.option(0.05, "SAM: ρ, the ascent radius", POSITIVE)
+
+    def transform(self, *, key, steps_per_epoch):
+        ascent = optax.chain(optax.contrib.normalize(), optax.sgd(self.rho))
+        return optax.contrib.sam(optax.identity(), ascent, sync_period=2, opaque_mode=True)
+
+    def summary(self):
+        return f"SAM (ρ={self.rho}, optax.contrib.sam)"
 
 
 @register
@@ -139,21 +219,147 @@ class DGC(Method):
         )
 
 
+@register
+@dataclasses.dataclass(frozen=True)
+class Dropout(Method):
+    """Dropout before the model's last layer(s) (``models.py`` says where)."""
+
+    name = "dropout"
+    description = (
+        "dropout with a fresh mask per example and step; V_t is that of the minibatch "
+        "gradient under those masks"
+    )
+    rate: float = options.option(0.1, "dropout: the rate", UNIT)
+
+    @property
+    def model_dropout(self):
+        return self.rate
+
+    def batch(self, params, batch, key, task):
+        size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        return batch | {"key": jax.random.split(key, size)}
+
+    def summary(self):
+        return f"dropout (rate {self.rate})"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LabelSmoothing(Method):
+    """Label smoothing: the targets are (1 − ε)·one-hot + ε/C."""
+
+    name = "label-smoothing"
+    description = (
+        "label smoothing: cross-entropy against (1−ε)·one-hot + ε/C; V_t is that of the "
+        "smoothed loss"
+    )
+    needs_classes = True
+    epsilon: float = options.option(0.2, "label smoothing: ε", UNIT)
+
+    def batch(self, params, batch, key, task):
+        targets = _one_hot(batch["y"], task.num_classes)
+        return batch | {"y": (1.0 - self.epsilon) * targets + self.epsilon / task.num_classes}
+
+    def summary(self):
+        return f"label smoothing (ε={self.epsilon})"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Flooding(Method):
+    """Flooding (Ishida et al., 2020): descend above the level b, ascend below it."""
+
+    name = "flooding"
+    description = (
+        "flooding: the gradient of |L_B − b| + b, i.e. sign(L_B − b)·∇L_B; V_t is that "
+        "of the plain minibatch gradient"
+    )
+    level: float = options.option(0.02, "flooding: the level b", NON_NEGATIVE)
+
+    def post(self, loss, grad):
+        sign = jnp.sign(loss - self.level)
+        return jax.tree_util.tree_map(lambda g: (sign * g).astype(g.dtype), grad)
+
+    def summary(self):
+        return f"flooding (b={self.level})"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Mixup(Method):
+    """MixUp (Zhang et al., 2018): one λ ~ Beta(α, α) per minibatch, pairs by permutation."""
+
+    name = "mixup"
+    description = (
+        "mixup: train on λx_i + (1−λ)x_π(i) with targets mixed alike, λ ~ Beta(α, α); "
+        "V_t is that of the mixed minibatch"
+    )
+    needs_classes = True
+    alpha: float = options.option(1.0, "mixup: α of Beta(α, α)", POSITIVE)
+
+    def batch(self, params, batch, key, task):
+        key_lambda, key_pairs = jax.random.split(key)
+        lam = jax.random.beta(key_lambda, self.alpha, self.alpha)
+        pairs = jax.random.permutation(key_pairs, batch["x"].shape[0])
+        targets = _one_hot(batch["y"], task.num_classes)
+        return batch | {
+            "x": (lam * batch["x"] + (1.0 - lam) * batch["x"][pairs]).astype(batch["x"].dtype),
+            "y": lam * targets + (1.0 - lam) * targets[pairs],
+        }
+
+    def summary(self):
+        return f"mixup (α={self.alpha})"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Adversarial(Method):
+    """Adversarial training: one L∞ PGD step of size ε on the inputs (FGSM from x)."""
+
+    name = "adversarial"
+    description = (
+        "adversarial training: train on x + ε·sign(∇_x L_B), one L∞ step; V_t is that "
+        "of the adversarial minibatch"
+    )
+    epsilon: float = options.option(1 / 255, "adversarial: ε, the L∞ step", NON_NEGATIVE)
+
+    def batch(self, params, batch, key, task):
+        def loss_of_inputs(x):
+            return task.batch_loss(params, batch | {"x": x})
+
+        direction = jnp.sign(jax.grad(loss_of_inputs)(batch["x"]))
+        return batch | {"x": jax.lax.stop_gradient(batch["x"] + self.epsilon * direction)}
+
+    def summary(self):
+        return f"adversarial training (one L∞ step, ε={self.epsilon:.4g})"
+
+
 def optimizer(
-    method: Method, learning_rates: Any, *, momentum: float, key: jax.Array, steps_per_epoch: int
+    method: Method,
+    learning_rates: Any,
+    *,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    key: jax.Array,
+    steps_per_epoch: int,
 ) -> optax.GradientTransformationExtraArgs:
-    """The method's optax piece, then SGD stepping by ``learning_rates[t]`` at update ``t``.
+    """The method's optax piece, weight decay, then SGD stepping by ``learning_rates[t]``.
 
     ``learning_rates`` is the array the logs and the bounds use, so the optimizer and
-    the bounds cannot disagree about ``λ_t``.
+    the bounds cannot disagree about ``λ_t``. Weight decay is added to the gradient
+    before momentum, as PyTorch's SGD does (the protocol of the paper's tables).
     """
-    rates = jax.numpy.asarray(learning_rates, jax.numpy.float32)
+    rates = jnp.asarray(learning_rates, jnp.float32)
 
     def schedule(count):
-        return rates[jax.numpy.minimum(count, rates.size - 1)]
+        return rates[jnp.minimum(count, rates.size - 1)]
 
-    sgd = optax.sgd(schedule, momentum=momentum or None)
-    piece = method.transform(key=key, steps_per_epoch=steps_per_epoch)
-    if piece is None:
-        return optax.with_extra_args_support(sgd)
-    return optax.chain(piece, sgd)
+    pieces = [method.transform(key=key, steps_per_epoch=steps_per_epoch)]
+    if weight_decay:
+        pieces.append(optax.add_decayed_weights(weight_decay))
+    pieces.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+    pieces = [piece for piece in pieces if piece is not None]
+    if len(pieces) == 1:
+        return optax.with_extra_args_support(pieces[0])
+    return optax.chain(*pieces)

@@ -1,7 +1,10 @@
-"""Flax NNX models of the paper, and their conversion to pure per-example losses.
+"""Flax NNX models of the paper.
 
 Every model accepts one example without a batch axis (what a per-example loss sees) as
 well as a batch. ``build`` makes a model by name; ``--width`` changes it for real.
+Models with hidden layers take ``dropout`` (the rate) and, when called, ``key``: one
+PRNG key per example (one key for one example), so that each example draws its own
+mask; without a key they are deterministic.
 """
 
 from __future__ import annotations
@@ -14,18 +17,30 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import jaxgen.nnx
-
 
 def _unbatched(call):
     """Let ``__call__`` take one example of ``ndim`` axes as well as a batch."""
 
-    def wrapper(self, x):
+    def wrapper(self, x, key=None):
         if x.ndim == self.example_ndim:
-            return call(self, x[None])[0]
-        return call(self, x)
+            return call(self, x[None], None if key is None else key[None])[0]
+        return call(self, x, key)
 
     return wrapper
+
+
+def dropout(h: jax.Array, rate: float, key: jax.Array | None, *, stream: int = 0) -> jax.Array:
+    """Inverted dropout of ``h`` (one example, or a batch with one key per example)."""
+    if key is None or rate == 0.0:
+        return h
+    if rate >= 1.0:
+        return jnp.zeros_like(h)
+
+    def mask(k, shape):
+        return jax.random.bernoulli(jax.random.fold_in(k, stream), 1.0 - rate, shape)
+
+    keep = mask(key, h.shape) if key.ndim == 0 else jax.vmap(mask, (0, None))(key, h.shape[1:])
+    return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
 
 
 class Linear(nnx.Module):
@@ -69,11 +84,12 @@ class MLP(nnx.Module):
             [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
         )
         self.in_features = sizes[0]
+        self.dropout = dropout  # after every hidden layer
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         x = x.reshape(*x.shape[: x.ndim - _feature_axes(x, self.in_features)], -1)
-        for layer in self.layers[:-1]:
-            x = jax.nn.relu(layer(x))
+        for i, layer in enumerate(self.layers[:-1]):
+            x = dropout(jax.nn.relu(layer(x)), self.dropout, key, stream=i)
         return self.layers[-1](x)
 
 
@@ -97,8 +113,15 @@ class AlexNet(nnx.Module):
     example_ndim = 3
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, width: int = 64, *, rngs: nnx.Rngs
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        width: int = 64,
+        *,
+        rngs: nnx.Rngs,
+        dropout: float = 0.0,
     ):
+        self.dropout = dropout  # after each hidden fully connected layer
         height, side, in_channels = input_shape
         hidden1, hidden2 = 6 * width, 3 * width
         self.conv1 = nnx.Conv(in_channels, width, (5, 5), rngs=rngs)
@@ -109,12 +132,14 @@ class AlexNet(nnx.Module):
         self.fc3 = nnx.Linear(hidden2, num_classes, rngs=rngs)
 
     @_unbatched
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         pool = lambda h: nnx.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")  # noqa: E731
         x = pool(jax.nn.relu(self.conv1(x)))
         x = pool(jax.nn.relu(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)
-        return self.fc3(jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(x)))))
+        x = dropout(jax.nn.relu(self.fc1(x)), self.dropout, key, stream=0)
+        x = dropout(jax.nn.relu(self.fc2(x)), self.dropout, key, stream=1)
+        return self.fc3(x)
 
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -125,7 +150,16 @@ class VGG16(nnx.Module):
 
     example_ndim = 3
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 64, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 64,
+        *,
+        rngs: nnx.Rngs,
+        dropout: float = 0.0,
+    ):
+        self.dropout = dropout  # before the classifier
         layers, channels = [], in_channels
         for item in _VGG16:
             if item == "M":
@@ -139,7 +173,7 @@ class VGG16(nnx.Module):
         self.head = nnx.Linear(channels, num_classes, rngs=rngs)
 
     @_unbatched
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         layers = iter(self.layers)
         for is_pool in self.plan:
             if is_pool:
@@ -147,7 +181,7 @@ class VGG16(nnx.Module):
             else:
                 conv, norm = next(layers), next(layers)
                 x = jax.nn.relu(norm(conv(x)))
-        return self.head(x.reshape(x.shape[0], -1))
+        return self.head(dropout(x.reshape(x.shape[0], -1), self.dropout, key))
 
 
 class PreActBlock(nnx.Module):
@@ -173,7 +207,16 @@ class PreActResNet18(nnx.Module):
 
     example_ndim = 3
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 64, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 64,
+        *,
+        rngs: nnx.Rngs,
+        dropout: float = 0.0,
+    ):
+        self.dropout = dropout  # before the classifier
         self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, rngs=rngs)
         blocks, cin = [], width
         for stage, stride in enumerate((1, 2, 2, 2)):
@@ -188,12 +231,12 @@ class PreActResNet18(nnx.Module):
         self.head = nnx.Linear(cin, num_classes, rngs=rngs)
 
     @_unbatched
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)
         x = jax.nn.relu(self.norm(x))
-        return self.head(jnp.mean(x, axis=(1, 2)))
+        return self.head(dropout(jnp.mean(x, axis=(1, 2)), self.dropout, key))
 
 
 class ModelSpec(NamedTuple):
@@ -202,47 +245,72 @@ class ModelSpec(NamedTuple):
     ``convolutional``: the training loop steps it one jitted update at a time instead of
     scanning (XLA:CPU runs convolutions inside loops up to 40× slower; ``step.py``).
     ``regression``: the squared loss on ±1 targets of Theorems 2 and 3, unit-norm inputs.
-    ``images``: it needs (H, W, C) inputs.
+    ``images``: it needs (H, W, C) inputs. ``batchnorm``: it trains with batch statistics,
+    so it has no per-example loss in training and ``V_t`` is not measured.
+    ``dropout``: it takes a dropout rate.
     """
 
-    make: Callable[[tuple[int, ...], int, int, nnx.Rngs], nnx.Module]
+    make: Callable[..., nnx.Module]  # (input shape, classes, width, rngs, dropout)
     convolutional: bool = False
     regression: bool = False
     images: bool = False
+    batchnorm: bool = False
+    dropout: bool = True
 
 
 SPECS: dict[str, ModelSpec] = {
     "linear": ModelSpec(
-        lambda shape, classes, width, rngs: Linear(math.prod(shape), rngs=rngs), regression=True
+        lambda shape, classes, width, rngs, dropout: Linear(math.prod(shape), rngs=rngs),
+        regression=True,
+        dropout=False,
     ),
     "two-layer-relu": ModelSpec(
-        lambda shape, classes, width, rngs: TwoLayerReLU(math.prod(shape), width, rngs=rngs),
+        lambda shape, classes, width, rngs, dropout: TwoLayerReLU(
+            math.prod(shape), width, rngs=rngs
+        ),
         regression=True,
+        dropout=False,
     ),
     "mlp": ModelSpec(
-        lambda shape, classes, width, rngs: MLP([math.prod(shape), width, classes], rngs=rngs)
+        lambda shape, classes, width, rngs, dropout: MLP(
+            [math.prod(shape), width, classes], rngs=rngs, dropout=dropout
+        )
     ),
     "alexnet": ModelSpec(
-        lambda shape, classes, width, rngs: AlexNet(shape, classes, width, rngs=rngs),
+        lambda shape, classes, width, rngs, dropout: AlexNet(
+            shape, classes, width, rngs=rngs, dropout=dropout
+        ),
         convolutional=True,
         images=True,
     ),
     "vgg16": ModelSpec(
-        lambda shape, classes, width, rngs: VGG16(shape[-1], classes, width, rngs=rngs),
+        lambda shape, classes, width, rngs, dropout: VGG16(
+            shape[-1], classes, width, rngs=rngs, dropout=dropout
+        ),
         convolutional=True,
         images=True,
+        batchnorm=True,
     ),
     "preactresnet18": ModelSpec(
-        lambda shape, classes, width, rngs: PreActResNet18(shape[-1], classes, width, rngs=rngs),
+        lambda shape, classes, width, rngs, dropout: PreActResNet18(
+            shape[-1], classes, width, rngs=rngs, dropout=dropout
+        ),
         convolutional=True,
         images=True,
+        batchnorm=True,
     ),
 }
 MODELS = tuple(SPECS)
 
 
 def build(
-    name: str, input_shape: Sequence[int], num_classes: int, width: int, *, seed: int = 0
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    width: int,
+    *,
+    seed: int = 0,
+    dropout: float = 0.0,
 ) -> nnx.Module:
     """A model by name. ``width``: hidden units (linear: ignored; two-layer ReLU: ``m``;
     MLP: the hidden layer), or base channels (AlexNet, VGG16, PreActResNet18)."""
@@ -255,23 +323,6 @@ def build(
         raise ValueError(
             f"model {name} needs image inputs (H, W, C), got shape {tuple(input_shape)}"
         )
-    return spec.make(tuple(input_shape), num_classes, width, nnx.Rngs(seed))
-
-
-def squared_loss(output: jax.Array, label: jax.Array) -> jax.Array:
-    """``½ (t − f)²`` with the ±1 target ``t = 1 − 2·(label mod 2)`` (Theorems 2 and 3)."""
-    target = 1.0 - 2.0 * jnp.mod(label, 2).astype(output.dtype)
-    return 0.5 * (target - output) ** 2
-
-
-def per_example_loss(name: str, model: nnx.Module) -> jaxgen.nnx.PerExampleLoss:
-    """``jaxgen.nnx.classifier_loss`` with the loss the model ``name`` is trained with."""
-    loss = squared_loss if SPECS[name].regression else jaxgen.nnx.cross_entropy
-    return jaxgen.nnx.classifier_loss(model, loss=loss)
-
-
-def correct(outputs: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example correctness: argmax for classifiers, the sign of ``f`` for ±1 targets."""
-    if outputs.ndim == 1:
-        return (outputs >= 0) == (jnp.mod(labels, 2) == 0)
-    return jnp.argmax(outputs, axis=-1) == labels
+    if dropout and not spec.dropout:
+        raise ValueError(f"model {name} has no hidden layer to apply dropout to")
+    return spec.make(tuple(input_shape), num_classes, width, nnx.Rngs(seed), dropout)

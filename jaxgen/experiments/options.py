@@ -53,6 +53,9 @@ POSITIVE = Check(
     "be a finite number > 0", float, lambda v: _is_number(v) and math.isfinite(v) and v > 0
 )
 UNIT = Check("lie in [0, 1]", float, lambda v: _is_number(v) and 0.0 <= v <= 1.0)
+NON_NEGATIVE = Check(
+    "be a finite number >= 0", float, lambda v: _is_number(v) and math.isfinite(v) and v >= 0
+)
 HALF_OPEN_UNIT = Check("lie in [0, 1)", float, lambda v: _is_number(v) and 0.0 <= v < 1.0)
 FRACTION = Check("lie in (0, 1]", float, lambda v: _is_number(v) and 0.0 < v <= 1.0)
 TEXT = Check("be text", str, lambda v: isinstance(v, str))
@@ -136,9 +139,9 @@ def add_flags(group: Any, cls: type, *, prefix: str = "") -> None:
             group.add_argument(
                 flag_name(field.name, prefix),
                 dest=dest,
-                action="store_true",
+                action=argparse.BooleanOptionalAction,
                 default=None,
-                help=field.metadata["help"],
+                help=help_text,
             )
         elif check.choices is not None:
             group.add_argument(

@@ -159,3 +159,39 @@ def result_table(result: Any):
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def comparison_figure(cells: Sequence[Any], path, *, title: str = "") -> Path:
+    """Test (solid, mean ± std band over seeds) and train (dashed) accuracy per epoch, one
+    panel per label-noise level, one colour per method (``compare.Cell`` values)."""
+    plt = _pyplot()
+    levels = sorted({cell.label_noise for cell in cells})
+    figure, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.5), squeeze=False)
+    labels = list(dict.fromkeys(cell.label for cell in cells))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    for axis, level in zip(axes[0], levels, strict=True):
+        for cell in (c for c in cells if c.label_noise == level):
+            length = min(len(run.epochs) for run in cell.runs)
+            test = np.array(
+                [[row.test_accuracy for row in run.epochs[:length]] for run in cell.runs]
+            )
+            train = np.array(
+                [[row.train_accuracy for row in run.epochs[:length]] for run in cell.runs]
+            )
+            epochs = np.arange(1, length + 1)
+            colour = colours[cell.label]
+            axis.plot(epochs, test.mean(0), color=colour, label=cell.label)
+            axis.fill_between(
+                epochs,
+                test.mean(0) - test.std(0),
+                test.mean(0) + test.std(0),
+                color=colour,
+                alpha=0.2,
+                linewidth=0,
+            )
+            axis.plot(epochs, train.mean(0), color=colour, linestyle="--")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("accuracy (solid: test ± std, dashed: train)")
+        axis.set_title(f"{title}, label noise {level}" if len(levels) > 1 else title)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(figure, path)

@@ -51,6 +51,7 @@ class StepLogs:
     weighted: list[float] = dataclasses.field(default_factory=list)
     frobenius: list[float] = dataclasses.field(default_factory=list)  # per epoch start
     epochs: list[EpochMetrics] = dataclasses.field(default_factory=list)
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time each
 
     def extend(self, metrics) -> None:
         """Append a segment's ``StepMetrics`` (arrays over its steps)."""
@@ -79,7 +80,11 @@ class RunResult:
     """The outcome of one run; ``to_json`` gives the keys of ``result.json``.
 
     Losses and accuracies are those of the final weights on the full splits; ``gap`` is
-    test − train loss. ``sum_lr2_variance = Σ_t λ_t² V_t``. ``epochs`` (the rows of
+    test − train loss; ``best_test_accuracy`` is the best over the epochs' evaluations
+    (the metric of the paper's GMP tables). ``tracking`` says whether and how ``V_t``
+    was measured. ``sum_lr2_variance = Σ_t λ_t² V_t`` (``None`` when ``V_t`` was not
+    measured) and the bound fields are ``None`` (absent from ``result.json``) when the
+    run did not estimate them (``bounds`` off). ``epochs`` (the rows of
     ``metrics.csv``) is not part of ``result.json``.
     """
 
@@ -98,33 +103,35 @@ class RunResult:
     train_accuracy: float
     test_accuracy: float
     gap: float
-    sum_lr2_variance: float
-    hessian_trace: float
-    hessian_trace_stderr: float
-    hessian_trace_examples: int
-    optimal_sigma: float
-    flatness: float
-    flatness_stderr: float
-    eq2_bound: float
-    eq2_time_varying_bound: float
-    theorem1_bound: float
-    neu2021_bound: float
-    neu2021_sensitivity: str
+    best_test_accuracy: float
+    best_epoch: int
+    tracking: str
     dispersion_method: str
     config: dict[str, Any]
     jaxgen_version: str
-    seconds: float = math.nan
+    sum_lr2_variance: float | None = None
+    hessian_trace: float | None = None
+    hessian_trace_stderr: float | None = None
+    hessian_trace_examples: int | None = None
+    optimal_sigma: float | None = None
+    flatness: float | None = None
+    flatness_stderr: float | None = None
+    eq2_bound: float | None = None
+    eq2_time_varying_bound: float | None = None
+    theorem1_bound: float | None = None
+    neu2021_bound: float | None = None
+    neu2021_sensitivity: str | None = None
     theorem2_bound: float | None = None  # linear model only
     theorem3_bound: float | None = None  # two-layer ReLU only
     final_active_fraction: float | None = None  # two-layer ReLU only
+    seconds: float = dataclasses.field(default=math.nan, compare=False)
+    seconds_per_epoch: float = dataclasses.field(default=math.nan, compare=False)
     epochs: tuple[EpochMetrics, ...] = dataclasses.field(default=(), compare=False)
-
-    _OPTIONAL = ("theorem2_bound", "theorem3_bound", "final_active_fraction")
 
     def to_json(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         del values["epochs"]
-        return {k: v for k, v in values.items() if not (k in self._OPTIONAL and v is None)}
+        return {k: v for k, v in values.items() if v is not None}
 
     @classmethod
     def read(cls, out_dir: str | Path) -> RunResult:
@@ -167,69 +174,90 @@ def optimal_sigma(config, learning_rates, logs: StepLogs, trace, n: int) -> floa
 
 
 def summarize(
-    config, learning_rates, logs: StepLogs, estimates: FinalEstimates, *, n: int, version: str
+    config,
+    learning_rates,
+    logs: StepLogs,
+    estimates: FinalEstimates | None,
+    *,
+    n: int,
+    version: str,
+    tracking: str,
 ) -> RunResult:
-    """Every bound of the run from its logs and final estimates (``config``: TrainConfig)."""
+    """The run's result from its logs (``config``: TrainConfig); with ``estimates`` (the
+    final ``Tr H`` and flatness), every bound too."""
     final = logs.epochs[-1]  # the full splits at the final weights
+    best = max(logs.epochs, key=lambda row: row.test_accuracy)
     lrs = jnp.asarray(learning_rates)
-    variances = jnp.asarray(filled_variances(logs.variances))
-    R, steps = config.R, len(learning_rates)
-    trace, flatness, sigma = estimates.hessian_trace, estimates.flatness, estimates.sigma
-    steps_per_epoch = steps // config.epochs
-    frobenius = np.repeat(np.asarray(logs.frobenius[: config.epochs]), steps_per_epoch)
-    sensitivities = jnp.asarray(2.0 * np.arange(steps) * sigma**2 * frobenius)
-
-    def second_order(bound, *args, **kwargs) -> float:
-        """A bound that needs ``Tr H > 0`` (through σ* or directly); NaN otherwise."""
-        return float(bound(*args, R=R, n=n, **kwargs)) if curved(trace) else math.nan
-
-    theorem2 = theorem3 = None
-    if config.model == "linear":
-        theorem2 = float(bounds.linear_network(lrs, jnp.asarray(logs.losses), R=R, n=n))
-    if estimates.active_fraction is not None:
-        theorem3 = float(
-            bounds.two_layer_relu(
-                lrs, jnp.asarray(logs.weighted), estimates.active_fraction, R=R, n=n
-            )
-        )
-    return RunResult(
+    variances = filled_variances(logs.variances)
+    tracked = bool(np.isfinite(variances).all())
+    result = RunResult(
         dataset=config.dataset,
         model=config.model,
         width=config.width,
         label_noise=config.label_noise,
         optimizer=config.optimizer_description,
-        R=R,
+        R=config.R,
         n=n,
         batch_size=config.batch_size,
-        num_steps=steps,
+        num_steps=len(learning_rates),
         track_every=config.track_every,
         train_loss=final.train_loss,
         test_loss=final.test_loss,
         train_accuracy=final.train_accuracy,
         test_accuracy=final.test_accuracy,
         gap=final.test_loss - final.train_loss,
-        sum_lr2_variance=float(np.sum(np.asarray(learning_rates) ** 2 * np.asarray(variances))),
-        hessian_trace=float(trace.value),
-        hessian_trace_stderr=float(trace.stderr),
-        hessian_trace_examples=estimates.trace_examples,
-        optimal_sigma=sigma,
-        flatness=float(flatness.value),
-        flatness_stderr=float(flatness.stderr),
-        eq2_bound=second_order(bounds.eq2, lrs, variances, trace),
-        eq2_time_varying_bound=second_order(bounds.eq2_time_varying, lrs, variances, trace),
-        theorem1_bound=second_order(bounds.theorem1, lrs, sigma, variances, flatness=flatness),
-        neu2021_bound=second_order(
-            bounds.neu2021, lrs, sigma, sensitivities, variances, flatness=flatness
-        ),
-        neu2021_sensitivity=NEU2021_SENSITIVITY,
+        best_test_accuracy=best.test_accuracy,
+        best_epoch=best.epoch,
+        tracking=tracking,
         dispersion_method=config.dispersion_method,
         config=config.as_dict(),
         jaxgen_version=version,
-        theorem2_bound=theorem2,
-        theorem3_bound=theorem3,
-        final_active_fraction=estimates.active_fraction,
+        sum_lr2_variance=(
+            float(np.sum(np.asarray(learning_rates) ** 2 * variances)) if tracked else None
+        ),
+        seconds_per_epoch=float(np.mean(logs.epoch_seconds)) if logs.epoch_seconds else math.nan,
         epochs=tuple(logs.epochs),
     )
+    if estimates is None or not tracked:
+        return result
+    return dataclasses.replace(result, **_bounds(config, lrs, logs, estimates, n))
+
+
+def _bounds(config, lrs, logs: StepLogs, estimates: FinalEstimates, n: int) -> dict[str, Any]:
+    """Every bound from the logged ``λ_t``, ``V_t`` and losses and the final estimates."""
+    variances = jnp.asarray(filled_variances(logs.variances))
+    R, steps = config.R, lrs.shape[0]
+    trace, flatness, sigma = estimates.hessian_trace, estimates.flatness, estimates.sigma
+    frobenius = np.repeat(np.asarray(logs.frobenius[: config.epochs]), steps // config.epochs)
+    sensitivities = jnp.asarray(2.0 * np.arange(steps) * sigma**2 * frobenius)
+
+    def second_order(bound, *args, **kwargs) -> float:
+        """A bound that needs ``Tr H > 0`` (through σ* or directly); NaN otherwise."""
+        return float(bound(*args, R=R, n=n, **kwargs)) if curved(trace) else math.nan
+
+    values = {
+        "hessian_trace": float(trace.value),
+        "hessian_trace_stderr": float(trace.stderr),
+        "hessian_trace_examples": estimates.trace_examples,
+        "optimal_sigma": sigma,
+        "flatness": float(flatness.value),
+        "flatness_stderr": float(flatness.stderr),
+        "eq2_bound": second_order(bounds.eq2, lrs, variances, trace),
+        "eq2_time_varying_bound": second_order(bounds.eq2_time_varying, lrs, variances, trace),
+        "theorem1_bound": second_order(bounds.theorem1, lrs, sigma, variances, flatness=flatness),
+        "neu2021_bound": second_order(
+            bounds.neu2021, lrs, sigma, sensitivities, variances, flatness=flatness
+        ),
+        "neu2021_sensitivity": NEU2021_SENSITIVITY,
+    }
+    if config.model == "linear":
+        losses = jnp.asarray(logs.losses)
+        values["theorem2_bound"] = float(bounds.linear_network(lrs, losses, R=R, n=n))
+    if estimates.active_fraction is not None:
+        weighted, active = jnp.asarray(logs.weighted), estimates.active_fraction
+        values["theorem3_bound"] = float(bounds.two_layer_relu(lrs, weighted, active, R=R, n=n))
+        values["final_active_fraction"] = active
+    return values
 
 
 def write(out_dir: Path, result: RunResult, learning_rates, logs: StepLogs, *, title: str) -> None:

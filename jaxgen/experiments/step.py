@@ -1,11 +1,20 @@
-"""One training step for every method, its scanned segment, and the evaluator.
+"""One training step for every method and model, its scanned segment, and the evaluator.
 
-``train_step(state, batch) -> (state, metrics)`` computes the minibatch loss, the mean
-gradient and the gradient dispersion in one call of ``jaxgen.gradient_dispersion`` and
-updates with that same mean gradient, so tracking ``V_t`` costs no extra gradient pass.
+``train_step(state, batch) -> (state, metrics)``:
+
+    batch   = augment(batch, key_t)                           # crop/flip, on device
+    batch   = method.batch(params, batch, key_t', task)       # mixup, smoothing, ...
+    stats   = gradient_dispersion(method.loss(loss_fn), params, batch)   # loss, ḡ, V_t
+    grad    = method.post(stats.loss, stats.grad)
+    updates = optimizer.update(grad, ..., grad_fn=∇L_B on the same batch)
+
+Tracking ``V_t`` costs no extra gradient pass: the update uses the same mean gradient.
 With ``track_every = K`` it is measured at every K-th step (``V_t = NaN`` in between, a
-plain ``value_and_grad`` step). Batches come from outside; the step never sees the
-dataset.
+plain ``value_and_grad`` step). Models that train with BatchNorm batch statistics have
+no per-example loss: their step differentiates the batch loss, updates the running
+statistics from that clean pass only (the perturbed passes of GMP, AMP and SAM and the
+adversarial inputs use the batch statistics and discard them), and logs ``V_t = NaN``.
+Batches come from outside; the step never sees the dataset.
 """
 
 from __future__ import annotations
@@ -21,20 +30,23 @@ import optax
 import jaxgen
 from jaxgen._per_example import mean_loss
 from jaxgen._types import LossFn, PyTree
-from jaxgen.experiments import methods
+from jaxgen.experiments import augment, methods
+from jaxgen.experiments.task import Trainable
 
 
 class TrainState(NamedTuple):
     """What changes from step to step (and what a checkpoint stores).
 
-    ``key`` is the run's step key: step ``t`` hands ``fold_in(key, t)`` to the method's
-    batch hook, so a resumed run draws the same numbers.
+    ``key`` is the run's step key: step ``t`` uses ``fold_in(key, t)``, so a resumed run
+    draws the same augmentations and method randomness. ``model_state``: BatchNorm
+    running statistics (empty for other models).
     """
 
     step: jax.Array  # int32 count of updates done
     params: PyTree
     opt_state: PyTree
     key: jax.Array
+    model_state: PyTree = ()
 
 
 class StepMetrics(NamedTuple):
@@ -47,15 +59,23 @@ class StepMetrics(NamedTuple):
 
 
 def make_train_step(
-    loss_fn: LossFn,
+    model: Trainable | LossFn,
     optimizer: optax.GradientTransformationExtraArgs,
     method: methods.Method,
     *,
+    num_classes: int = 0,
     track_every: int = 1,
     dispersion_method: str = "auto",
+    augmentation: str = "none",
     active_fraction: Callable[[PyTree, jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, StepMetrics]]:
-    """The step of ``method``; ``active_fraction(params, x)`` adds Theorem 3's weighting."""
+    """The step of ``method`` on ``model`` (a ``Trainable``, or a per-example loss).
+
+    ``active_fraction(params, x)`` adds Theorem 3's weighting.
+    """
+    if isinstance(model, Trainable) and not model.per_example:
+        return _batch_statistics_step(model, optimizer, method, num_classes, augmentation)
+    loss_fn = model.loss_fn if isinstance(model, Trainable) else model
     method_loss = method.loss(loss_fn)
 
     def tracked(params, batch):
@@ -66,9 +86,11 @@ def make_train_step(
         loss, grad = jax.value_and_grad(mean_loss, argnums=1)(method_loss, params, batch)
         return loss, grad, jnp.full((), jnp.nan, loss.dtype)
 
+    task = methods.Task(lambda params, batch: mean_loss(method_loss, params, batch), num_classes)
+
     def train_step(state: TrainState, batch: PyTree) -> tuple[TrainState, StepMetrics]:
         params = state.params
-        batch = method.batch(params, batch, jax.random.fold_in(state.key, state.step))
+        batch = _prepare(state, batch, method, task, augmentation)
         if track_every == 1:
             loss, grad, variance = tracked(params, batch)
         else:
@@ -78,15 +100,46 @@ def make_train_step(
         if active_fraction is not None:
             losses = jax.vmap(method_loss, in_axes=(None, 0))(params, batch)
             weighted = jnp.mean(active_fraction(params, batch["x"]) * losses)
-        grad = method.post(loss, grad)
-        grad_fn = jaxgen.batch_grad_fn(method_loss, batch)  # for GMP and the like
-        updates, opt_state = optimizer.update(grad, state.opt_state, params, grad_fn=grad_fn)
-        new_state = TrainState(
-            state.step + 1, optax.apply_updates(params, updates), opt_state, state.key
-        )
-        return new_state, StepMetrics(loss, variance, weighted)
+        grad_fn = jaxgen.batch_grad_fn(method_loss, batch)  # for GMP, AMP, SAM
+        state = _update(state, optimizer, method.post(loss, grad), grad_fn, state.model_state)
+        return state, StepMetrics(loss, variance, weighted)
 
     return train_step
+
+
+def _batch_statistics_step(model, optimizer, method, num_classes, augmentation):
+    def train_step(state: TrainState, batch: PyTree) -> tuple[TrainState, StepMetrics]:
+        params, statistics = state.params, state.model_state
+
+        def batch_loss(params, batch):  # batch statistics used, then discarded
+            return model.batch_loss(params, statistics, batch)[0]
+
+        batch = _prepare(state, batch, method, methods.Task(batch_loss, num_classes), augmentation)
+        (loss, new_statistics), grad = jax.value_and_grad(model.batch_loss, has_aux=True)(
+            params, statistics, batch
+        )
+        grad_fn = jax.grad(batch_loss)
+
+        def grad_fn_any(params, *_):  # optax's grad_fn(params, i) protocol too
+            return grad_fn(params, batch)
+
+        state = _update(state, optimizer, method.post(loss, grad), grad_fn_any, new_statistics)
+        nan = jnp.full((), jnp.nan, loss.dtype)
+        return state, StepMetrics(loss, nan, jnp.zeros((), loss.dtype))
+
+    return train_step
+
+
+def _prepare(state: TrainState, batch, method, task, augmentation):
+    key_augment, key_method = jax.random.split(jax.random.fold_in(state.key, state.step))
+    batch = augment.augment(batch, key_augment, augmentation)
+    return method.batch(state.params, batch, key_method, task)
+
+
+def _update(state: TrainState, optimizer, grad, grad_fn, model_state) -> TrainState:
+    updates, opt_state = optimizer.update(grad, state.opt_state, state.params, grad_fn=grad_fn)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state, state.key, model_state)
 
 
 def make_segment(
@@ -122,25 +175,27 @@ class Evaluator:
 
     def __init__(
         self,
-        loss_fn: LossFn,
-        predict: Callable[[PyTree, jax.Array], jax.Array],
+        predict: Callable[[PyTree, PyTree, jax.Array], jax.Array],
+        pointwise: Callable[[jax.Array, jax.Array], jax.Array],
         correct: Callable[[jax.Array, jax.Array], jax.Array],
         chunk: int = 1000,
     ):
         self.chunk = chunk
 
         @jax.jit
-        def evaluate(params, x, y):
-            losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, {"x": x, "y": y})
-            return losses, correct(predict(params, x), y)
+        def evaluate(params, model_state, x, y):
+            outputs = predict(params, model_state, x)
+            return jax.vmap(pointwise)(outputs, y), correct(outputs, y)
 
         self._evaluate = evaluate
 
-    def __call__(self, params: PyTree, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, params: PyTree, model_state: PyTree, x: Any, y: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
         losses, correct = [], []
         for start in range(0, x.shape[0], self.chunk):
             chunk_losses, chunk_correct = self._evaluate(
-                params, x[start : start + self.chunk], y[start : start + self.chunk]
+                params, model_state, x[start : start + self.chunk], y[start : start + self.chunk]
             )
             losses.append(np.asarray(chunk_losses))
             correct.append(np.asarray(chunk_correct))
