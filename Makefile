@@ -25,6 +25,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/dispersion.py
 	$(BIN)/python benchmarks/gmp.py
 	$(BIN)/python benchmarks/tracking.py
+	$(BIN)/python benchmarks/methods.py --quick
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

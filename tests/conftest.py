@@ -1,8 +1,20 @@
-"""Shared tiny models. Eight simulated CPU devices for the multi-device tests."""
+"""Shared tiny models. Eight simulated CPU devices for the multi-device tests.
+
+Compiled programs are cached on disk for the session (subprocesses and notebook kernels
+inherit the folder): many tests train the same tiny configurations, and compiling them
+again dominates the suite's time on two cores.
+"""
+
+import os
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxgen-jit-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402

@@ -41,14 +41,13 @@ def test_trend_sentence_counts_agreeing_steps():
     assert "does not follow" in opposite and "ρ = -1.00" in opposite
 
 
-def test_implication_sentences_do_not_overclaim():
-    rows = lambda accs: [EpochMetrics(1, 0, 0, 0, a, 0, 0, 0) for a in accs]  # noqa: E731
-    lines = demo.implication_lines(
-        [("clipping", rows([0.40, 0.50, 0.43]), rows([0.45, 0.505, 0.48]))]
-    )
-    text = "\n".join(lines)
-    assert "final test accuracy 0.430 → 0.480 (up 5.0 points)" in text
-    assert "best epoch 0.500 → 0.505 (unchanged within one point" in text
+def test_the_comparison_is_erm_gmp_clipping_and_sam_at_the_papers_settings():
+    entries = dict(demo.compared_methods(quick=False))
+    assert list(entries) == ["erm", "gmp", "dgc", "sam"]
+    assert entries["dgc"].start_epoch == 15 and entries["gmp"].samples == 3
+    settings = demo.plan(quick=False)
+    assert settings.seeds >= 3 and settings.comparison.label_noise > 0
+    assert not settings.comparison.bounds
 
 
 def test_the_looseness_sentence_counts_each_run_once_and_gives_the_ratio_range():

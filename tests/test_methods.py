@@ -176,26 +176,34 @@ def test_batchnorm_statistics_come_from_the_clean_pass_only(method):
 
 
 @dataclasses.dataclass(frozen=True)
-class FloodingExample(methods.Method):
+class InputNoise(methods.Method):
     """The README's example, registered here for one test only."""
 
-    name = "test-flooding"
-    description = "flooding: ascend when the minibatch loss is below b; V_t of the plain gradient"
-    level: float = options.option(0.02, "flooding: the level b", options.POSITIVE)
+    name = "input-noise"
+    description = "inputs x + N(0, σ²) drawn at every step; V_t of the noisy minibatch"
+    sigma: float = options.option(0.1, "input noise: σ", options.POSITIVE)
 
-    def post(self, loss, grad):
-        return jax.tree_util.tree_map(lambda g: jnp.sign(loss - self.level) * g, grad)
+    def batch(self, params, batch, key, task):
+        noise = self.sigma * jax.random.normal(key, batch["x"].shape)
+        return batch | {"x": batch["x"] + noise}
 
     def summary(self):
-        return f"flooding (b={self.level})"
+        return f"input noise (σ={self.sigma})"
 
 
-def test_a_new_method_needs_one_class_and_reaches_the_cli(tmp_path, monkeypatch):
-    monkeypatch.setitem(methods.REGISTRY, FloodingExample.name, FloodingExample)
-    argv = ["bound", "--method", "test-flooding", "--test-flooding-level", "0.5", "--epochs", "1",
-            "--width", "8", "--num-train", "60", "--batch-size", "20", "--hessian-probes", "2",
-            "--flatness-samples", "2", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+def test_a_new_method_needs_one_class_and_reaches_the_step_and_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setitem(methods.REGISTRY, InputNoise.name, InputNoise)
+    params, batch = mlp_init(jax.random.key(1)), _batch()
+    optimizer = optax.with_extra_args_support(optax.sgd(0.1))
+    noisy = make_train_step(mlp_loss, optimizer, InputNoise(sigma=0.5))(
+        _state(params, optimizer), batch
+    )
+    plain = make_train_step(mlp_loss, optimizer, methods.ERM())(_state(params, optimizer), batch)
+    assert float(noisy[1].loss) != float(plain[1].loss)  # it trained on other inputs
+    argv = ["train", "--method", "input-noise", "--input-noise-sigma", "0.5", "--epochs", "1",
+            "--width", "8", "--num-train", "60", "--batch-size", "20", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["config"]["method"] == {"name": "test-flooding", "level": 0.5}
-    assert result["optimizer"].endswith("with flooding (b=0.5)")
+    assert result["config"]["method"] == {"name": "input-noise", "sigma": 0.5}
+    assert result["optimizer"].endswith("with input noise (σ=0.5)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgen.experiments import loop, methods, report
+from jaxgen.experiments import compare, loop, methods, report
 from jaxgen.experiments.config import TrainConfig
 from jaxgen.experiments.errors import ConfigError
 from jaxgen.experiments.results import EpochMetrics, RunResult
@@ -33,7 +33,8 @@ class DemoPlan:
     sweep_width: int  # the width of the noise sweep
     width_noise: float  # the label noise of the width sweep
     dynamics: TrainConfig  # the long noisy run of Figure 2
-    dgc_start: int  # T_c of dynamic gradient clipping, in epochs
+    comparison: TrainConfig  # the base of the methods' comparison (no bounds)
+    seeds: int  # of the comparison
 
 
 def plan(quick: bool) -> DemoPlan:
@@ -47,6 +48,7 @@ def plan(quick: bool) -> DemoPlan:
             flatness_samples=4,
             R=R,
         )
+        compared = dataclasses.replace(base, width=32, label_noise=0.2, bounds=False)
         return DemoPlan(
             (8, 32),
             (0.0, 0.4),
@@ -54,7 +56,8 @@ def plan(quick: bool) -> DemoPlan:
             32,
             0.0,
             dataclasses.replace(base, epochs=4, width=32, label_noise=0.2),
-            1,
+            dataclasses.replace(compared, method=methods.ERM()),
+            2,
         )
     base = TrainConfig(
         epochs=100,
@@ -66,7 +69,21 @@ def plan(quick: bool) -> DemoPlan:
         checkpoint_every=62 * 50,
     )
     dynamics = dataclasses.replace(base, epochs=300, width=512, label_noise=0.2)
-    return DemoPlan((32, 128, 512, 2048), (0.0, 0.2, 0.4, 0.6), base, 512, 0.0, dynamics, 15)
+    compared = dataclasses.replace(base, epochs=40, width=512, label_noise=0.2, bounds=False)
+    return DemoPlan(
+        (32, 128, 512, 2048), (0.0, 0.2, 0.4, 0.6), base, 512, 0.0, dynamics, compared, 3
+    )
+
+
+def compared_methods(quick: bool) -> list[tuple[str, methods.Method]]:
+    """ERM, GMP, dynamic clipping (from epoch 15, the paper's T_c for the MLP) and SAM."""
+    start = 1 if quick else 15
+    return [
+        ("erm", methods.ERM()),
+        ("gmp", methods.GMP()),
+        ("dgc", methods.DGC(start_epoch=start)),
+        ("sam", methods.SAM()),
+    ]
 
 
 def run(out: Path, *, quick: bool = False, console=None) -> Path:
@@ -107,28 +124,15 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
     ]
     dynamics = one(settings.dynamics, "dynamics")
     epochs = dynamics.epochs
-    implications = []  # (label, baseline epochs, regularized epochs) for Section 5's table
-    for p in settings.noise_levels:
-        if 0 < p <= 0.4:  # the paper's settings for Algorithm 1: noise 0.2 and 0.4
-            config = dataclasses.replace(settings.sweep, width=settings.sweep_width, label_noise=p)
-            clipped = dataclasses.replace(
-                config, method=methods.DGC(start_epoch=settings.dgc_start)
-            )
-            implications.append(
-                (
-                    f"dynamic gradient clipping, label noise {p}",
-                    one(config, f"noise={p}").epochs,
-                    one(clipped, f"dgc-noise={p}").epochs,
-                )
-            )
-    config = dataclasses.replace(settings.sweep, width=settings.sweep_width, label_noise=0.0)
-    implications.append(
-        (
-            "GMP (k=3, σ=0.03, ρ=0.5), no label noise",
-            one(config, f"width={settings.sweep_width}").epochs,
-            one(dataclasses.replace(config, method=methods.GMP()), "gmp").epochs,
-        )
+    say(f"[{time.perf_counter() - started:5.0f} s] comparison of methods over seeds")
+    cells = compare.run(
+        settings.comparison,
+        compared_methods(quick),
+        settings.seeds,
+        out / "runs" / "compare",
+        say=lambda text: None,
     )
+    rows = [compare.row(settings.comparison, cell) for cell in cells]
 
     report.sweep_figure(
         settings.widths,
@@ -156,7 +160,7 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
         noise_runs,
         list(finished.values()),
         epochs,
-        implications,
+        rows,
         time.perf_counter() - started,
     )
     path = report.write_text_atomic(out / "report.md", text)
@@ -257,35 +261,6 @@ def _table(setting: str, values, runs) -> list[str]:
     return lines
 
 
-def _change(before: float, after: float) -> str:
-    """A difference in accuracy, called unchanged below one point (one seed cannot tell)."""
-    points = 100 * (after - before)
-    if abs(points) < 1:
-        return "unchanged within one point, below what a single seed resolves"
-    return f"{'up' if points > 0 else 'down'} {abs(points):.1f} points"
-
-
-def implication_lines(implications) -> list[str]:
-    """Section 5's comparisons: final and best-epoch test accuracy, with and without."""
-    lines = [
-        "| comparison | test acc. without (final / best epoch) | with (final / best epoch) |",
-        "|---|---|---|",
-    ]
-    sentences = []
-    for label, without, with_ in implications:
-        final = (without[-1].test_accuracy, with_[-1].test_accuracy)
-        best = (max(r.test_accuracy for r in without), max(r.test_accuracy for r in with_))
-        lines.append(
-            f"| {label} | {final[0]:.3f} / {best[0]:.3f} | {final[1]:.3f} / {best[1]:.3f} |"
-        )
-        sentences.append(
-            f"- {label[0].upper()}{label[1:]}: final test accuracy {final[0]:.3f} → "
-            f"{final[1]:.3f} ({_change(*final)}); best epoch {best[0]:.3f} → {best[1]:.3f} "
-            f"({_change(*best)})."
-        )
-    return [*lines, "", *sentences]
-
-
 def looseness_sentence(runs) -> str:
     """Is Eq. 2 above the gap in each distinct run, and by how much."""
     above = sum(r.eq2_bound >= r.gap for r in runs)
@@ -301,8 +276,8 @@ def looseness_sentence(runs) -> str:
     )
 
 
-def _report(settings: DemoPlan, width_runs, noise_runs, runs, epochs, implications, seconds) -> str:
-    """``runs``: every distinct run of the demo, each once."""
+def _report(settings: DemoPlan, width_runs, noise_runs, runs, epochs, rows, seconds) -> str:
+    """``runs``: every distinct run of the sweeps, each once; ``rows``: the comparison."""
     base = settings.sweep
     _, descent = double_descent(epochs)
     lines = [
@@ -344,14 +319,16 @@ def _report(settings: DemoPlan, width_runs, noise_runs, runs, epochs, implicatio
         f"- Is Eq. 2 above the measured gap? {looseness_sentence(runs)}",
         f"- Does the dispersion descend twice? {descent}",
         "",
-        "## Implications: dynamic gradient clipping and GMP",
+        "## Implications: GMP, dynamic gradient clipping and SAM against ERM",
         "",
-        "The paper's Algorithm 1 (α = 0.1, G = 50, from epoch "
-        f"{settings.dgc_start}) and Algorithm 2 on the same MLP and data as the sweeps, "
-        "one seed each (the paper's tables average 10 runs of VGG16 and PreActResNet18 on "
-        "SVHN and CIFAR; these are small single runs, not a reproduction of them):",
+        "The paper's Algorithm 2 (GMP, k = 3, σ = 0.03, ρ = 0.5) and Algorithm 1 (dynamic "
+        "clipping, α = 0.1, G = 50) with SAM (ρ = 0.05) and ERM, on the MLP of the sweeps "
+        f"with label noise {settings.comparison.label_noise}, {settings.comparison.epochs} "
+        f"epochs, {settings.seeds} seeds each (`runs/compare/compare.md`; the paper's tables "
+        "average 10 runs of VGG16 and PreActResNet18 on SVHN and CIFAR: this is a small "
+        "check, not a reproduction of them):",
         "",
-        *implication_lines(implications),
+        *compare.markdown(settings.comparison, rows, settings.seeds).splitlines()[4:],
         "",
         "Every number above is in `runs/*/result.json` (per-epoch metrics in `metrics.csv`, "
         "per-step λ_t, losses and V_t in `steps.npz`).",

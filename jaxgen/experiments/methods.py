@@ -140,7 +140,7 @@ class GMP(Method):
     rho: float = options.option(0.5, "GMP: ρ, the weight of the perturbed gradients", UNIT)
 
     def transform(self, *, key, steps_per_epoch):
-        return jaxgen.gmp(self.samples, self.sigma, self.rho, key=key, mode="sequential")
+        return jaxgen.gmp(self.samples, self.sigma, self.rho, key=key)
 
     def summary(self):
         return (

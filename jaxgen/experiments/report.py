@@ -140,22 +140,30 @@ def result_table(result: Any):
     rows = [
         ("optimizer", result.optimizer),
         ("train / test accuracy", f"{result.train_accuracy:.3f} / {result.test_accuracy:.3f}"),
+        ("best test accuracy", f"{result.best_test_accuracy:.3f} (epoch {result.best_epoch})"),
         ("train / test loss", f"{result.train_loss:.4f} / {result.test_loss:.4f}"),
         ("generalization gap (test − train loss)", f"{result.gap:.4f}"),
-        ("Σ_t λ_t² V_t  (V_t = dispersion / b)", f"{result.sum_lr2_variance:.4e}"),
-        (
-            f"Tr H on {result.hessian_trace_examples} train examples",
-            f"{result.hessian_trace:.3f} ± {result.hessian_trace_stderr:.3f}",
-        ),
-        ("Eq. 2 bound", f"{result.eq2_bound:.4f}"),
-        ("Eq. 2, time-varying σ_t", f"{result.eq2_time_varying_bound:.4f}"),
-        ("Theorem 1 at σ*, measured flatness", f"{result.theorem1_bound:.4f}"),
-        ("Neu et al. 2021 at σ*", f"{result.neu2021_bound:.4f}"),
+        ("V_t", result.tracking),
     ]
-    if result.theorem2_bound is not None:
-        rows.append(("Theorem 2", f"{result.theorem2_bound:.4f}"))
-    if result.theorem3_bound is not None:
-        rows.append(("Theorem 3", f"{result.theorem3_bound:.4f}"))
+    if result.sum_lr2_variance is not None:
+        rows.append(("Σ_t λ_t² V_t  (V_t = dispersion / b)", f"{result.sum_lr2_variance:.4e}"))
+    if result.hessian_trace is not None:
+        rows.append(
+            (
+                f"Tr H on {result.hessian_trace_examples} train examples",
+                f"{result.hessian_trace:.3f} ± {result.hessian_trace_stderr:.3f}",
+            )
+        )
+    for name, label in (
+        ("eq2_bound", "Eq. 2 bound"),
+        ("eq2_time_varying_bound", "Eq. 2, time-varying σ_t"),
+        ("theorem1_bound", "Theorem 1 at σ*, measured flatness"),
+        ("neu2021_bound", "Neu et al. 2021 at σ*"),
+        ("theorem2_bound", "Theorem 2"),
+        ("theorem3_bound", "Theorem 3"),
+    ):
+        if getattr(result, name) is not None:
+            rows.append((label, f"{getattr(result, name):.4f}"))
     for row in rows:
         table.add_row(*row)
     return table
