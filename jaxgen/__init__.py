@@ -16,6 +16,7 @@ from jaxgen._gmp import GMPState, gmp
 from jaxgen._grad_fn import batch_grad_fn
 from jaxgen._hessian import TraceEstimate, hessian_trace
 from jaxgen._per_example import DispersionStats, gradient_dispersion, per_example_grads
+from jaxgen._sharding import make_mesh, replicate, shard_batch
 
 try:
     __version__ = _metadata.version("jaxgen")
@@ -45,6 +46,9 @@ __all__ = [
     "gmp",
     "gradient_sensitivity",
     "hessian_trace",
+    "make_mesh",
     "nnx",
     "per_example_grads",
+    "replicate",
+    "shard_batch",
 ]

@@ -7,6 +7,7 @@ the flatness term, ``E[L_S(w + Δ) − L_S(w)] ≈ σ² Tr H / 2``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -38,19 +39,44 @@ class TraceEstimate(NamedTuple):
     num_probes: int
 
 
+def _shard_count(sharding: jax.sharding.NamedSharding) -> int:
+    """How many pieces ``sharding`` cuts the leading axis of a vector into."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(sharding.mesh.shape[axis] for axis in axes)
+
+
 def _hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, vector: PyTree) -> PyTree:
     """``H v`` by forward-over-reverse differentiation (one JVP of the gradient)."""
     grad_fn = jax.grad(mean_loss, argnums=1)
     return jax.jvp(lambda p: grad_fn(loss_fn, p, batch), (params,), (vector,))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size"))
-def _hutchinson(loss_fn, params, batch, key, num_probes, chunk_size):
+@functools.partial(
+    jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size", "probe_sharding")
+)
+def _hutchinson(loss_fn, params, batch, key, num_probes, chunk_size, probe_sharding):
     def quadratic_form(probe_key):
         probe = rademacher_like(probe_key, params)
         return optax.tree.vdot(probe, _hvp(loss_fn, params, batch, probe))
 
-    samples = jax.lax.map(quadratic_form, jax.random.split(key, num_probes), batch_size=chunk_size)
+    keys = jax.random.split(key, num_probes)
+    if probe_sharding is None:
+        samples = jax.lax.map(quadratic_form, keys, batch_size=chunk_size)
+        return mean_and_stderr(samples, num_probes)
+    # Rows of ``width`` probes, each row split over the devices; the padding repeats
+    # probes whose samples are dropped, so the kept samples are the unsharded ones.
+    shards = _shard_count(probe_sharding)
+    width = shards * -(-chunk_size // shards)
+    rows = -(-num_probes // width)
+    keys = keys[jnp.arange(rows * width) % num_probes].reshape(rows, width)
+
+    def row(row_keys):
+        return jax.vmap(quadratic_form)(jax.lax.with_sharding_constraint(row_keys, probe_sharding))
+
+    samples = jax.lax.map(row, keys).reshape(-1)[:num_probes]
     return mean_and_stderr(samples, num_probes)
 
 
@@ -77,6 +103,7 @@ def hessian_trace(
     num_probes: int = 100,
     method: str = "hutchinson",
     chunk_size: int = 10,
+    probe_sharding: jax.sharding.Sharding | None = None,
 ) -> TraceEstimate:
     """Trace of the Hessian of the mean loss ``L_B(w) = (1/b) Σ_i ℓ(w, z_i)``.
 
@@ -98,6 +125,12 @@ def hessian_trace(
       num_probes: number of Rademacher probes ``m``.
       method: ``"hutchinson"`` or ``"exact"``.
       chunk_size: probes (or basis vectors) evaluated together under ``vmap``.
+      probe_sharding: a ``NamedSharding`` that spreads the Hutchinson probes over mesh
+        axes, e.g. ``NamedSharding(mesh, PartitionSpec("data"))`` (``jaxgen.make_mesh``):
+        the probes are evaluated in rows of ``chunk_size`` rounded up to a multiple of
+        the devices on those axes, each device taking its share of a row. The same
+        ``key`` draws the same probes, so the estimate equals the unsharded one up to
+        the order of the final sum.
 
     Returns:
       ``TraceEstimate(value, stderr, num_probes)``.
@@ -121,7 +154,11 @@ def hessian_trace(
     if key is None:
         raise ValueError("key must be a PRNG key for method='hutchinson', got None")
     _checks.key("key", key)
+    if probe_sharding is not None and not isinstance(probe_sharding, jax.sharding.NamedSharding):
+        raise ValueError(
+            f"probe_sharding must be a jax.sharding.NamedSharding, got {probe_sharding!r}"
+        )
     value, stderr = _hutchinson(
-        loss_fn, params, batch, key, num_probes, min(chunk_size, num_probes)
+        loss_fn, params, batch, key, num_probes, min(chunk_size, num_probes), probe_sharding
     )
     return TraceEstimate(value, stderr, num_probes)

@@ -62,16 +62,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _progress(args) -> list:
+    import jax
+
     from jaxgen.experiments.callbacks import ProgressBar
 
-    return [] if args.no_progress else [ProgressBar()]
+    return [] if args.no_progress or jax.process_index() > 0 else [ProgressBar()]
 
 
 def _bound(args, console) -> None:
     from jaxgen.experiments import flags, loop, report
 
     config = flags.config_from_args(args)
-    result = loop.run(config, args.out, resume=args.resume, callbacks=_progress(args))
+    mesh = flags.mesh_from_args(args, config.batch_size)
+    result = loop.run(config, args.out, resume=args.resume, callbacks=_progress(args), mesh=mesh)
     console.print(report.result_table(result))
     console.print(
         f"wrote {args.out}/result.json, metrics.csv, steps.npz, dispersion.png "
@@ -92,6 +95,7 @@ def _sweep(args, console) -> None:
         resume=args.resume,
         callbacks=lambda: _progress(args),
         say=console.print,
+        mesh=flags.mesh_from_args(args, config.batch_size),
     )
     console.print(f"wrote {Path(args.out) / 'figure1.png'}")
 
@@ -101,8 +105,9 @@ def _dispersion(args, console) -> None:
     from jaxgen.experiments.callbacks import EpochPrinter
 
     config = flags.config_from_args(args)
+    mesh = flags.mesh_from_args(args, config.batch_size)
     printer = EpochPrinter(console.print)
-    result = loop.run(config, args.out, resume=args.resume, callbacks=[printer])
+    result = loop.run(config, args.out, resume=args.resume, callbacks=[printer], mesh=mesh)
     console.print(f"wrote {Path(args.out) / 'dispersion.png'} (gap {result.gap:.4f})")
 
 
@@ -110,13 +115,21 @@ def _train(args, console) -> None:
     from jaxgen.experiments import compare, flags, loop, report
 
     config = flags.config_from_args(args, defaults={"bounds": False})
+    mesh = flags.mesh_from_args(args, config.batch_size)
     if args.seeds == 1:
-        result = loop.run(config, args.out, resume=args.resume, callbacks=_progress(args))
+        result = loop.run(
+            config, args.out, resume=args.resume, callbacks=_progress(args), mesh=mesh
+        )
         console.print(report.result_table(result))
         console.print(f"wrote {args.out}/result.json, metrics.csv ({result.seconds:.1f} s)")
         return
     runs = compare.run_seeds(
-        config, args.seeds, Path(args.out), callbacks=lambda: _progress(args), say=console.print
+        config,
+        args.seeds,
+        Path(args.out),
+        callbacks=lambda: _progress(args),
+        say=console.print,
+        mesh=mesh,
     )
     summary = compare.summary(runs)
     report.write_json_atomic(Path(args.out) / "seeds.json", summary)
@@ -140,6 +153,7 @@ def _compare(args, console) -> None:
         noise_levels=args.noise_levels,
         callbacks=lambda: _progress(args),
         say=console.print,
+        mesh=flags.mesh_from_args(args, config.batch_size),
     )
     console.print((Path(args.out) / "compare.md").read_text())
     console.print(f"wrote {args.out}/compare.md, compare.csv, compare.png")
@@ -172,7 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     say = functools.partial(print, f"jaxgen {args.command}:", file=sys.stderr)
     try:
         with errors.warnings_as_lines(say):
-            COMMANDS[args.command](args, Console())
+            quiet = False
+            if args.command != "demo":
+                from jaxgen.experiments import flags
+
+                quiet = flags.start_distributed(args) > 0  # process 0 reports
+            COMMANDS[args.command](args, Console(quiet=quiet))
     except (errors.ConfigError, data.DatasetUnavailable) as error:
         say(f"error: {error}")
         return 2

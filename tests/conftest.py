@@ -19,6 +19,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
+collect_ignore = ["multihost_worker.py"]  # a script the two-process test launches
+
 
 def mlp_init(key, sizes=(6, 5, 3)):
     params = []

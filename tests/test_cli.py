@@ -28,6 +28,8 @@ TINY = [
     "--flatness-samples",
     "4",
     "--no-progress",
+    "--mesh",
+    "data=1",  # the suite simulates 8 devices; these runs stay on one
 ]
 
 
@@ -104,7 +106,7 @@ def test_presets_then_flags_then_the_method_make_the_config():
             "--gmp-samples applies to --method gmp",
         ),
         (
-            ["bound", "--num-train", "100000", "--out", "/nonexistent/never"],
+            ["bound", "--num-train", "100000", "--mesh", "data=1", "--out", "/nonexistent/never"],
             "num_train must be <= the 4000 training",
         ),
         (["bound", "--model", "alexnet", *TINY], "model alexnet: model alexnet needs image inputs"),
@@ -170,8 +172,9 @@ def _exit_code(argv):
 def test_settings_that_do_nothing_warn_one_line_each(tmp_path, capsys):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    argv = ["bound", "--preset", "paper-mnist-mlp", "--dataset", "mnist1d", "--epochs", "2",
-            "--lr-milestones", "1,5", "--always-wrong", "--out", str(blocked)]  # fmt: skip
+    argv = ["bound", "--mesh", "data=1", "--preset", "paper-mnist-mlp", "--dataset", "mnist1d",
+            "--epochs", "2", "--lr-milestones", "1,5", "--always-wrong",
+            "--out", str(blocked)]  # fmt: skip
     assert _exit_code(argv) == 2  # the --out is refused after the warnings
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == (
@@ -244,7 +247,7 @@ def test_a_full_disk_stops_with_one_line_and_its_checkpoint_resumes(tmpfs, tmp_p
     out = tmpfs("300k") / "run"
     argv = ["bound", "--width", "512", "--epochs", "3", "--num-train", "60", "--batch-size", "20",
             "--hessian-probes", "2", "--flatness-samples", "2", "--checkpoint-every", "3",
-            "--no-progress"]  # fmt: skip
+            "--no-progress", "--mesh", "data=1"]  # fmt: skip
     assert _exit_code([*argv, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stopped: could not write" in err

@@ -12,7 +12,7 @@ from jaxgen.experiments.compare import Row
 from jaxgen.experiments.config import TrainConfig
 
 TINY = ["--epochs", "2", "--width", "8", "--num-train", "60", "--batch-size", "20", "--lr",
-        "0.1", "--label-noise", "0.2", "--no-progress"]  # fmt: skip
+        "0.1", "--label-noise", "0.2", "--no-progress", "--mesh", "data=1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

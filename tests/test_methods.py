@@ -202,7 +202,7 @@ def test_a_new_method_needs_one_class_and_reaches_the_step_and_the_cli(tmp_path,
     assert float(noisy[1].loss) != float(plain[1].loss)  # it trained on other inputs
     argv = ["train", "--method", "input-noise", "--input-noise-sigma", "0.5", "--epochs", "1",
             "--width", "8", "--num-train", "60", "--batch-size", "20", "--no-progress",
-            "--out", str(tmp_path)]  # fmt: skip
+            "--mesh", "data=1", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["config"]["method"] == {"name": "input-noise", "sigma": 0.5}

@@ -27,6 +27,10 @@ class Callback:
     def on_end(self) -> None:
         """After the last step (also when the run stops early with an error)."""
 
+    def on_trained(self, state) -> None:
+        """With the final ``TrainState`` (parameters, optimizer and BatchNorm state),
+        before the final estimates."""
+
 
 class ProgressBar(Callback):
     """A rich progress bar showing epoch, loss and dispersion."""

@@ -130,7 +130,10 @@ class Checkpoints:
     def _restore_state(self, step: int, template: Any) -> Any:
         ocp = self._ocp
         leaves, treedef = jax.tree_util.tree_flatten(template)
-        abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _storable(leaves)]
+        abstract = [  # restored onto the template's devices, whatever wrote them
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+            for x in _storable(leaves)
+        ]
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )
@@ -143,6 +146,12 @@ class Checkpoints:
     def _set_aside(self, step: int, error: Exception) -> str:
         """Rename a damaged checkpoint to ``<step>.damaged`` and say so."""
         source = self.directory / str(step)
+        if jax.process_count() > 1:  # every process would rename it: leave it to the user
+            raise ConfigError(
+                f"--resume: checkpoint step {step} in {self.directory} is damaged ({error}); "
+                "resume once with a single process (it sets damaged checkpoints aside), "
+                "or move that folder away yourself"
+            )
         target = source.with_name(f"{step}.damaged")
         suffix = 1
         while target.exists():

@@ -53,7 +53,7 @@ class Row(NamedTuple):
 
 
 def run_or_reuse(
-    config: TrainConfig, folder: Path, *, callbacks: Sequence[Callback] = ()
+    config: TrainConfig, folder: Path, *, callbacks: Sequence[Callback] = (), mesh: Any = None
 ) -> RunResult:
     """The finished run in ``folder`` if it has ``config``; else train (resuming)."""
     if (folder / "result.json").is_file():
@@ -65,7 +65,7 @@ def run_or_reuse(
         return stored
     checkpoints = folder / "checkpoints"
     resume = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-    return loop.run(config, folder, resume=resume, callbacks=callbacks)
+    return loop.run(config, folder, resume=resume, callbacks=callbacks, mesh=mesh)
 
 
 def seeds(config: TrainConfig, count: int) -> list[int]:
@@ -80,6 +80,7 @@ def run_seeds(
     *,
     callbacks: Callable[[], Sequence[Callback]] = tuple,
     say: Callable[[str], None] = print,
+    mesh: Any = None,
 ) -> list[RunResult]:
     """``config`` for ``count`` seeds, in ``out/seed=<s>``."""
     runs = []
@@ -102,6 +103,7 @@ def run(
     noise_levels: Sequence[float] | None = None,
     callbacks: Callable[[], Sequence[Callback]] = tuple,
     say: Callable[[str], None] = print,
+    mesh: Any = None,
 ) -> list[Cell]:
     """Every method (× noise level) × seed; writes the table, CSV and figure."""
     out = Path(out)
@@ -113,7 +115,7 @@ def run(
             if noise_levels:
                 folder = folder / f"noise={noise}"
             settings = dataclasses.replace(config, method=method, label_noise=noise)
-            runs = run_seeds(settings, count, folder, callbacks=callbacks, say=say)
+            runs = run_seeds(settings, count, folder, callbacks=callbacks, say=say, mesh=mesh)
             cells.append(Cell(label, noise, runs))
     rows = [row(config, cell) for cell in cells]
     report.write_text_atomic(out / "compare.csv", _csv(rows))

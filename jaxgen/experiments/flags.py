@@ -29,6 +29,15 @@ def add_training_flags(parser: argparse.ArgumentParser, *, out_default: str) -> 
         options.add_flags(parser.add_argument_group(f"--method {name}"), cls, prefix=f"{name}-")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    devices = parser.add_argument_group("devices and hosts")
+    devices.add_argument(
+        "--mesh",
+        help="data=N[,perturb=K]: split batches over N devices (GMP's perturbations over K); "
+        "default: every device on data (fewer, to divide the batch size)",
+    )
+    devices.add_argument("--coordinator", help="host:port of process 0 (jax.distributed)")
+    devices.add_argument("--num-processes", type=int, help="processes in a multi-host run")
+    devices.add_argument("--process-id", type=int, help="this process's index, from 0")
 
 
 def method_flags(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -95,3 +104,50 @@ def parse_methods(text: str, args: argparse.Namespace) -> list[tuple[str, method
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--methods: each entry once, got {text!r}")
     return entries
+
+
+def start_distributed(args: argparse.Namespace) -> int:
+    """``jax.distributed.initialize`` when a multi-host run is asked for (flags or the
+    environment variables JAX reads, e.g. ``JAX_COORDINATOR_ADDRESS``); CPU processes
+    talk through gloo. Returns this process's index (0 when there is only one)."""
+    import os
+
+    import jax
+
+    given = (args.coordinator, args.num_processes, args.process_id)
+    if all(value is None for value in given) and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        return 0
+    if jax.config.jax_platforms in (None, "", "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    return jax.process_index()
+
+
+def mesh_from_args(args: argparse.Namespace, batch_size: int):
+    """The ``--mesh``; by default every device on ``data``, or the most that divide the
+    batch size (with a warning). A mesh of one device is no mesh."""
+    import jax
+
+    from jaxgen import _sharding
+
+    try:
+        if args.mesh:
+            mesh = _sharding.make_mesh(args.mesh)
+        else:
+            count = jax.device_count()
+            data = max(d for d in range(1, count + 1) if batch_size % d == 0)
+            if data < count:
+                warnings.warn(
+                    f"--batch-size {batch_size} is not a multiple of the {count} devices: "
+                    f"using --mesh data={data}",
+                    RunWarning,
+                    stacklevel=2,
+                )
+            mesh = _sharding.make_mesh({"data": data})
+    except ValueError as error:
+        raise ConfigError(f"--mesh: {error}") from error
+    return None if mesh.devices.size == 1 else mesh

@@ -24,14 +24,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 import jaxgen
+from jaxgen._sharding import to_host
 from jaxgen.experiments import augment, data, methods, models, results, rng, task
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.checkpoint import Checkpoints
 from jaxgen.experiments.config import TrainConfig
 from jaxgen.experiments.errors import ConfigError, OutputError, RunWarning, TrainingDiverged
 from jaxgen.experiments.estimates import Estimates
+from jaxgen.experiments.placement import Placement
 from jaxgen.experiments.results import EpochMetrics, RunResult, StepLogs
 from jaxgen.experiments.step import Evaluator, TrainState, make_segment, make_train_step
 
@@ -73,9 +76,14 @@ def run(
     *,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    mesh: Mesh | None = None,
 ) -> RunResult:
     """Train ``config``; write ``result.json``, ``metrics.csv``, ``steps.npz`` and
-    ``dispersion.png`` to ``out_dir``; return the ``RunResult``."""
+    ``dispersion.png`` to ``out_dir``; return the ``RunResult``.
+
+    ``mesh``: split every batch over its ``data`` axis (and GMP's perturbations over
+    ``perturb``); the numbers are those of one device, within float32 rounding.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     for notice in config.notices():
@@ -85,20 +93,22 @@ def run(
     steps_per_epoch = dataset.num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     lrs = config.learning_rates(steps_per_epoch)
-    parts = _assemble(config, dataset, lrs, steps_per_epoch)
+    place = Placement(mesh, dataset, config.batch_size)
+    parts = _assemble(config, dataset, lrs, steps_per_epoch, place.mesh)
 
     checkpoints = Checkpoints(out_dir / "checkpoints")
-    state, logs = _start(checkpoints, parts.state, config, resume=resume, out_dir=out_dir)
+    state = place.state(parts.state)
+    state, logs = _start(checkpoints, state, config, resume=resume, out_dir=out_dir)
     if parts.estimates is not None and not logs.frobenius:
         logs.frobenius.append(parts.estimates.hessian_frobenius_sq(state.params, 0))
-    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     for callback in callbacks:
         callback.on_start(total_steps, int(state.step))
     epoch_started = time.perf_counter()
     try:
         for segment in _segments(config, int(state.step), steps_per_epoch, dataset.num_train):
             order = segment.order
-            state, metrics = parts.segment(state, {"x": x_train[order], "y": y_train[order]})
+            state, metrics = parts.segment(state, place.batches(order))
+            metrics = jax.tree_util.tree_map(place.host, metrics)
             _stop_if_diverged(state, metrics, segment, config, checkpoints)
             logs.extend(metrics)
             if segment.ends_epoch:
@@ -126,6 +136,8 @@ def run(
     finally:
         for callback in callbacks:
             callback.on_end()
+    for callback in callbacks:
+        callback.on_trained(state)
 
     final = None if parts.estimates is None else parts.estimates.final(state.params, lrs, logs)
     result = results.summarize(
@@ -139,8 +151,9 @@ def run(
     )
     result = dataclasses.replace(result, seconds=time.perf_counter() - started)
     title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
-    with _writing(checkpoints):
-        results.write(out_dir, result, lrs, logs, title=title)
+    if place.writes_files:
+        with _writing(checkpoints):
+            results.write(out_dir, result, lrs, logs, title=title)
     return result
 
 
@@ -152,7 +165,9 @@ class _Parts(NamedTuple):
     tracking: str  # whether and how V_t is measured, for result.json
 
 
-def _assemble(config: TrainConfig, dataset: data.Dataset, lrs, steps_per_epoch: int) -> _Parts:
+def _assemble(
+    config: TrainConfig, dataset: data.Dataset, lrs, steps_per_epoch: int, mesh
+) -> _Parts:
     """The model, the method's optimizer and step, the evaluator and the estimators."""
     spec = models.SPECS[config.model]
     model = _model(config, dataset)
@@ -171,6 +186,7 @@ def _assemble(config: TrainConfig, dataset: data.Dataset, lrs, steps_per_epoch: 
         weight_decay=config.weight_decay,
         key=rng.key(config.seed, rng.Stream.GMP),
         steps_per_epoch=steps_per_epoch,
+        mesh=mesh,
     )
     train_step = make_train_step(
         model,
@@ -202,7 +218,7 @@ def _assemble(config: TrainConfig, dataset: data.Dataset, lrs, steps_per_epoch: 
         )
     estimates = None
     if config.bounds:
-        estimates = Estimates(config, dataset, model.loss_fn, active_fraction)
+        estimates = Estimates(config, dataset, model.loss_fn, active_fraction, mesh)
     return _Parts(
         state,
         make_segment(train_step, scan=not spec.convolutional),
@@ -279,9 +295,8 @@ def _start(checkpoints: Checkpoints, state: TrainState, config: TrainConfig, *, 
 
 def _stop_if_diverged(state, metrics, segment, config, checkpoints: Checkpoints) -> None:
     losses = np.asarray(metrics.loss, np.float64)
-    weights_finite = all(
-        bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(state.params)
-    )
+    finite = jax.tree_util.tree_map(lambda leaf: jnp.all(jnp.isfinite(leaf)), state.params)
+    weights_finite = all(bool(to_host(x)) for x in jax.tree_util.tree_leaves(finite))
     if np.all(np.isfinite(losses)) and weights_finite:
         return
     first = np.flatnonzero(~np.isfinite(losses))

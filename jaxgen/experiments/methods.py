@@ -24,6 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxgen
 from jaxgen._types import LossFn, PyTree
@@ -79,9 +80,9 @@ class Method:
         return 0.0
 
     def transform(
-        self, *, key: jax.Array, steps_per_epoch: int
+        self, *, key: jax.Array, steps_per_epoch: int, mesh: Mesh | None = None
     ) -> optax.GradientTransformationExtraArgs | None:
-        """The optax piece chained before SGD (``None``: none)."""
+        """The optax piece chained before SGD (``None``: none); ``mesh``: the run's mesh."""
         return None
 
     def loss(self, loss_fn: LossFn) -> LossFn:
@@ -139,8 +140,13 @@ class GMP(Method):
     sigma: float = options.option(0.03, "GMP: σ of each perturbation", POSITIVE)
     rho: float = options.option(0.5, "GMP: ρ, the weight of the perturbed gradients", UNIT)
 
-    def transform(self, *, key, steps_per_epoch):
-        return jaxgen.gmp(self.samples, self.sigma, self.rho, key=key)
+    def transform(self, *, key, steps_per_epoch, mesh=None):
+        sharding = None
+        if mesh is not None and "perturb" in mesh.axis_names:  # k passes over "perturb"
+            sharding = NamedSharding(mesh, PartitionSpec("perturb"))
+        return jaxgen.gmp(
+            self.samples, self.sigma, self.rho, key=key, perturbation_sharding=sharding
+        )
 
     def summary(self):
         return (
@@ -167,7 +173,7 @@ class AMP(Method):
     )
     inner_steps: int = options.option(1, "AMP: ascent steps", POSITIVE_INT)
 
-    def transform(self, *, key, steps_per_epoch):
+    def transform(self, *, key, steps_per_epoch, mesh=None):
         return jaxgen.amp(self.epsilon, self.inner_lr, self.inner_steps)
 
     def summary(self):
@@ -186,7 +192,7 @@ class SAM(Method):
     )
     rho: float = options.option(0.05, "SAM: ρ, the ascent radius", POSITIVE)
 
-    def transform(self, *, key, steps_per_epoch):
+    def transform(self, *, key, steps_per_epoch, mesh=None):
         ascent = optax.chain(optax.contrib.normalize(), optax.sgd(self.rho))
         return optax.contrib.sam(optax.identity(), ascent, sync_period=2, opaque_mode=True)
 
@@ -208,7 +214,7 @@ class DGC(Method):
     initial_norm: float = options.option(50.0, "clipping: the initial threshold G", POSITIVE)
     start_epoch: int = options.option(15, "clipping: T_c, in epochs", NON_NEGATIVE_INT)
 
-    def transform(self, *, key, steps_per_epoch):
+    def transform(self, *, key, steps_per_epoch, mesh=None):
         start = self.start_epoch * steps_per_epoch
         return jaxgen.dynamic_clip(self.initial_norm, self.alpha, start)
 
@@ -343,6 +349,7 @@ def optimizer(
     weight_decay: float = 0.0,
     key: jax.Array,
     steps_per_epoch: int,
+    mesh: Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The method's optax piece, weight decay, then SGD stepping by ``learning_rates[t]``.
 
@@ -355,7 +362,7 @@ def optimizer(
     def schedule(count):
         return rates[jnp.minimum(count, rates.size - 1)]
 
-    pieces = [method.transform(key=key, steps_per_epoch=steps_per_epoch)]
+    pieces = [method.transform(key=key, steps_per_epoch=steps_per_epoch, mesh=mesh)]
     if weight_decay:
         pieces.append(optax.add_decayed_weights(weight_decay))
     pieces.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))

@@ -29,6 +29,7 @@ import optax
 
 import jaxgen
 from jaxgen._per_example import mean_loss
+from jaxgen._sharding import to_host
 from jaxgen._types import LossFn, PyTree
 from jaxgen.experiments import augment, methods
 from jaxgen.experiments.task import Trainable
@@ -197,6 +198,6 @@ class Evaluator:
             chunk_losses, chunk_correct = self._evaluate(
                 params, model_state, x[start : start + self.chunk], y[start : start + self.chunk]
             )
-            losses.append(np.asarray(chunk_losses))
-            correct.append(np.asarray(chunk_correct))
+            losses.append(to_host(chunk_losses))
+            correct.append(to_host(chunk_correct))
         return np.concatenate(losses), np.concatenate(correct)

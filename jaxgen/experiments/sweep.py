@@ -29,6 +29,7 @@ def run(
     resume: bool = False,
     callbacks: Callable[[], Sequence[Callback]] = tuple,
     say: Callable[[str], None] = print,
+    mesh: Any = None,
 ) -> list[RunResult]:
     """Run ``config`` with ``field`` set to each of ``values``; draw and summarise.
 
@@ -45,6 +46,7 @@ def run(
             out / f"{field}={value}",
             resume=resume,
             callbacks=callbacks(),
+            mesh=mesh,
         )
         say(f"  gap {result.gap:.4f}   Eq. 2 bound {result.eq2_bound:.4f}")
         results.append(result)
