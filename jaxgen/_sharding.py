@@ -19,6 +19,7 @@ copy and placing only its own shards.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -161,3 +162,55 @@ def to_host(value: Any) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def count_collectives(compiled_text: str, *, in_branches: bool = False) -> dict[str, int]:
+    """How many of each collective a compiled program's HLO text (``.as_text()``) runs.
+
+    Counts instructions (``... = f32[] all-reduce(...)``; async ones by their ``-start``),
+    not references to them, in the computations every run executes: those reached from
+    the entry computation without passing through a branch of a ``conditional`` (with
+    ``in_branches=True``: in every reachable computation).
+    """
+    opcode = re.compile(rf"(?<![%\w.-])({'|'.join(COLLECTIVES)})(?:-start)?\(")
+    header = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
+    calls = re.compile(r"\b(?:to_apply|calls|body|condition)=%?([\w.\-]+)")
+    branches = re.compile(
+        r"\b(?:branch_computations=\{([^}]*)\}|(?:true|false)_computation=%?([\w.\-]+))"
+    )
+    counts: dict[str, dict[str, int]] = {}
+    edges: dict[str, list[str]] = {}
+    entry = current = None
+    for line in compiled_text.splitlines():
+        if match := header.match(line):
+            current = match.group(2)
+            entry = current if match.group(1) else entry
+            counts[current], edges[current] = dict.fromkeys(COLLECTIVES, 0), []
+            continue
+        if current is None:
+            continue
+        for name in opcode.findall(line):
+            counts[current][name] += 1
+        edges[current] += calls.findall(line)
+        if in_branches:
+            for group, single in branches.findall(line):
+                edges[current] += [n.strip().lstrip("%") for n in (group or single).split(",")]
+    total = dict.fromkeys(COLLECTIVES, 0)
+    if entry is None:  # a fragment: count every instruction in it
+        for line in compiled_text.splitlines():
+            for name in opcode.findall(line):
+                total[name] += 1
+        return total
+    seen, stack = set(), [entry]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in counts:
+            continue
+        seen.add(name)
+        for kind, count in counts[name].items():
+            total[kind] += count
+        stack += edges[name]
+    return total

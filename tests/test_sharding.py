@@ -1,7 +1,6 @@
 """Meshes: the same numbers on 1, 4 or 8 simulated devices, and across two processes."""
 
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxgen
 from jaxgen import cli
-from jaxgen._sharding import to_host
+from jaxgen._sharding import count_collectives, to_host
 from jaxgen.experiments import loop, methods
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.config import TrainConfig
@@ -115,7 +114,7 @@ def test_the_sharded_training_step_equals_one_device_and_tracking_adds_few_all_r
     chex.assert_trees_all_close(metrics, ref_metrics, rtol=1e-5, atol=1e-7)
 
     text = step.lower(state, batch).compile().as_text()
-    tracked = len(re.findall(r"= [^=]*\ball-reduce(?:-start)?\(", text))
+    tracked = count_collectives(text)["all-reduce"]
     plain = _plain_all_reduces(mesh)
     assert tracked <= plain + 2, (tracked, plain)
 
@@ -144,7 +143,7 @@ def _plain_all_reduces(mesh):
         return optax.apply_updates(params, updates), opt_state, loss
 
     text = plain.lower(params, optimizer.init(params), batch).compile().as_text()
-    return len(re.findall(r"= [^=]*\ball-reduce(?:-start)?\(", text))
+    return count_collectives(text)["all-reduce"]
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +240,35 @@ def test_two_processes_train_as_one_on_eight_devices(eight_devices, one_device, 
     )
     np.testing.assert_array_equal(keep.flat, params[0])
     np.testing.assert_allclose(resumed.eq2_bound, result["eq2_bound"], rtol=1e-5)
+
+
+def test_collectives_are_counted_as_instructions_on_the_path_every_run_takes():
+    text = """HloModule step
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%rare_branch (p: f32[8]) -> f32[8] {
+  ROOT %all-reduce.3 = f32[8]{0} all-reduce(%p), to_apply=%add
+}
+
+%common_branch (p: f32[8]) -> f32[8] {
+  ROOT %copy = f32[8]{0} copy(%p)
+}
+
+ENTRY %main (a: f32[8], b: f32[8], c: f32[4], k: pred[]) -> f32[8] {
+  %all-reduce.11 = (f32[8]{0}, /*index=5*/f32[8]{0}) all-reduce(%a, %b), to_apply=%add
+  %get-tuple-element.19 = f32[8]{0} get-tuple-element(%all-reduce.11), index=0
+  %all-gather-start = (f32[4]{0}, f32[8]{0}) all-gather-start(%c), dimensions={0}
+  %all-gather-done = f32[8]{0} all-gather-done(%all-gather-start)
+  ROOT %conditional = f32[8]{0} conditional(%k, %a, %b), true_computation=%rare_branch,
+    false_computation=%common_branch
+}
+"""
+    counts = count_collectives(text)
+    assert counts["all-reduce"] == 1 and counts["all-gather"] == 1 and counts["all-to-all"] == 0
+    assert count_collectives(text, in_branches=True)["all-reduce"] == 2
 
 
 def test_to_host_reads_replicated_and_sharded_arrays():
