@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgen import _checks
+from jaxgen._chunks import map_in_rows
 from jaxgen._per_example import _sq_norms, mean_loss
 from jaxgen._random import gaussian_like, rademacher_like
 from jaxgen._types import LossFn, PyTree
@@ -56,7 +57,7 @@ def _flatness(loss_fn, params, train_batch, heldout_batch, key, sigma, num_sampl
         return gap - clean_gap
 
     keys = jax.random.split(key, num_samples)
-    return mean_and_stderr(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
+    return mean_and_stderr(map_in_rows(sample, keys, chunk_size), num_samples)
 
 
 def flatness_term(
@@ -135,7 +136,7 @@ def _sensitivity(loss_fn, params, batch, key, sigma, num_samples, chunk_size):
         return jnp.mean(_sq_norms(difference))
 
     keys = jax.random.split(key, num_samples)
-    return mean_and_stderr(jax.lax.map(sample, keys, batch_size=chunk_size), num_samples)
+    return mean_and_stderr(map_in_rows(sample, keys, chunk_size), num_samples)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_samples"))

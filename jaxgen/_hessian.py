@@ -16,6 +16,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxgen import _checks
+from jaxgen._chunks import map_in_rows
 from jaxgen._flatness import mean_and_stderr
 from jaxgen._per_example import mean_loss
 from jaxgen._random import rademacher_like
@@ -48,49 +49,63 @@ def _shard_count(sharding: jax.sharding.NamedSharding) -> int:
     return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
-def _hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, vector: PyTree) -> PyTree:
-    """``H v`` by forward-over-reverse differentiation (one JVP of the gradient)."""
-    grad_fn = jax.grad(mean_loss, argnums=1)
-    return jax.jvp(lambda p: grad_fn(loss_fn, p, batch), (params,), (vector,))[1]
+def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree):
+    """``v ↦ vᵀ H v`` at ``params``.
+
+    The second directional derivative ``d²/dε² L_B(w + εv)`` at ``ε = 0``, by forward mode
+    over forward mode: no backward pass and no stored activations, about 1.1–1.3× a
+    gradient per probe (``benchmarks/hessian.py``; a forward-over-reverse ``H v`` costs
+    about 2× and then needs a dot product). Losses that forward mode cannot differentiate
+    (``jax.custom_vjp`` inside) use ``vᵀ(H v)`` from the gradient linearized once instead.
+    """
+
+    def directional(w, v):
+        return jax.jvp(lambda u: mean_loss(loss_fn, u, batch), (w,), (v,))[1]
+
+    def forward_over_forward(v):
+        return jax.jvp(lambda w: directional(w, v), (params,), (v,))[1]
+
+    try:
+        jax.eval_shape(forward_over_forward, params)
+        return forward_over_forward
+    except TypeError:  # "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+        grad_fn = jax.grad(mean_loss, argnums=1)
+        _, hvp = jax.linearize(lambda p: grad_fn(loss_fn, p, batch), params)
+        return lambda v: optax.tree.vdot(v, hvp(v))
 
 
 @functools.partial(
     jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size", "probe_sharding")
 )
 def _hutchinson(loss_fn, params, batch, key, num_probes, chunk_size, probe_sharding):
-    def quadratic_form(probe_key):
-        probe = rademacher_like(probe_key, params)
-        return optax.tree.vdot(probe, _hvp(loss_fn, params, batch, probe))
+    quadratic_form = _quadratic_form_fn(loss_fn, params, batch)
+
+    def sample(probe_key):
+        return quadratic_form(rademacher_like(probe_key, params))
 
     keys = jax.random.split(key, num_probes)
     if probe_sharding is None:
-        samples = jax.lax.map(quadratic_form, keys, batch_size=chunk_size)
-        return mean_and_stderr(samples, num_probes)
-    # Rows of ``width`` probes, each row split over the devices; the padding repeats
-    # probes whose samples are dropped, so the kept samples are the unsharded ones.
-    shards = _shard_count(probe_sharding)
-    width = shards * -(-chunk_size // shards)
-    rows = -(-num_probes // width)
-    keys = keys[jnp.arange(rows * width) % num_probes].reshape(rows, width)
-
-    def row(row_keys):
-        return jax.vmap(quadratic_form)(jax.lax.with_sharding_constraint(row_keys, probe_sharding))
-
-    samples = jax.lax.map(row, keys).reshape(-1)[:num_probes]
+        samples = map_in_rows(sample, keys, chunk_size)
+    else:  # rows a multiple of the devices wide, each device taking its share
+        shards = _shard_count(probe_sharding)
+        samples = map_in_rows(
+            sample,
+            keys,
+            shards * -(-chunk_size // shards),
+            row_constraint=lambda row: jax.lax.with_sharding_constraint(row, probe_sharding),
+        )
     return mean_and_stderr(samples, num_probes)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"))
 def _exact(loss_fn, params, batch, chunk_size):
     flat, unravel = ravel_pytree(params)
+    quadratic_form = _quadratic_form_fn(loss_fn, params, batch)
 
     def diagonal_entry(index):
-        basis = unravel(jax.nn.one_hot(index, flat.size, dtype=flat.dtype))
-        column, _ = ravel_pytree(_hvp(loss_fn, params, batch, basis))
-        return column[index]
+        return quadratic_form(unravel(jax.nn.one_hot(index, flat.size, dtype=flat.dtype)))
 
-    diagonal = jax.lax.map(diagonal_entry, jnp.arange(flat.size), batch_size=chunk_size)
-    value = jnp.sum(diagonal)
+    value = jnp.sum(map_in_rows(diagonal_entry, jnp.arange(flat.size), chunk_size))
     return value, jnp.zeros_like(value)
 
 
@@ -108,11 +123,16 @@ def hessian_trace(
     """Trace of the Hessian of the mean loss ``L_B(w) = (1/b) Σ_i ℓ(w, z_i)``.
 
     Hutchinson: ``Tr H ≈ (1/m) Σ_j v_jᵀ H v_j`` with Rademacher probes ``v_j``
-    (``E[v vᵀ] = I``); each ``H v`` is one forward-over-reverse Hessian-vector product,
-    and probes are evaluated ``chunk_size`` at a time under ``vmap``. The standard error
-    is the sample standard deviation of ``v_jᵀ H v_j`` over ``√m``. ``"exact"`` sums the
-    diagonal ``e_kᵀ H e_k`` over all ``P`` coordinates (``P`` HVPs, ``O(P)`` memory): for
-    small models and for checking the estimate.
+    (``E[v vᵀ] = I``); each ``v_jᵀ H v_j`` is the second directional derivative
+    ``d²/dε² L_B(w + ε v_j)``, taken by forward mode over forward mode (about 1.1–1.6× a
+    gradient per probe; losses containing a ``jax.custom_vjp``, which forward mode cannot
+    differentiate, use a forward-over-reverse ``H v`` from the gradient linearized once).
+    Probes are evaluated ``chunk_size`` at a time under ``vmap``, the rows of probes one
+    after another in straight-line code (``jaxgen._chunks``: XLA:CPU runs convolutions
+    inside loops ~40× slower). The standard error is the sample standard deviation of
+    ``v_jᵀ H v_j`` over ``√m``. ``"exact"`` sums the diagonal ``e_kᵀ H e_k`` over all
+    ``P`` coordinates (``P`` quadratic forms): for small models and for checking the
+    estimate.
 
     Wang & Mao (ICLR 2022), Eq. (2), estimate ``Tr H`` at the final weights with up to
     100 Rademacher probes on ``n/10`` training examples.
@@ -124,7 +144,9 @@ def hessian_trace(
       key: PRNG key for the probes (required for ``"hutchinson"``).
       num_probes: number of Rademacher probes ``m``.
       method: ``"hutchinson"`` or ``"exact"``.
-      chunk_size: probes (or basis vectors) evaluated together under ``vmap``.
+      chunk_size: probes (or basis vectors) evaluated together under ``vmap`` (memory);
+        ``ceil(m / chunk_size)`` rows are compiled one after another (compile time), up
+        to 32 rows, beyond which they run in a loop.
       probe_sharding: a ``NamedSharding`` that spreads the Hutchinson probes over mesh
         axes, e.g. ``NamedSharding(mesh, PartitionSpec("data"))`` (``jaxgen.make_mesh``):
         the probes are evaluated in rows of ``chunk_size`` rounded up to a multiple of

@@ -13,6 +13,7 @@ Bounds and Implications*, ICLR 2022 (Theorem 1, where ``V_t`` enters the bound).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -83,11 +84,22 @@ class _ResidualSums(NamedTuple):
     squares: PyTree
 
 
+def pairwise_sum(x: jax.Array) -> jax.Array:
+    """``x.sum(axis=0)`` by adding halves: XLA:CPU reduces over the leading axis of a
+    large array 10–50× slower than it adds contiguous blocks (``benchmarks/dispersion.py``,
+    the vmap rows), and pairwise summation rounds less."""
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        head = x[:half] + x[half : 2 * half]
+        x = jnp.concatenate([head, x[2 * half :]]) if x.shape[0] % 2 else head
+    return x[0]
+
+
 def _residual_sums(loss_fn: LossFn, params: PyTree, chunk: PyTree, shift: PyTree):
     grads = _per_example_grads(loss_fn, params, chunk)
     residuals = optax.tree.sub(grads, shift)
     sums = _ResidualSums(
-        jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), residuals),
+        jax.tree_util.tree_map(pairwise_sum, residuals),
         jax.tree_util.tree_map(lambda r: jnp.sum(jnp.square(r)), residuals),
     )
     return sums, _sq_norms(grads)
@@ -196,16 +208,22 @@ def gradient_dispersion(
 
     - ``"ghost"``: one forward and one backward pass, no per-example gradient is
       materialised for dense layers (``‖g_i‖² = ‖x_i‖²‖δ_i‖²``, Gram form on sequences)
-      or embeddings; biases, gains, convolution kernels and parameters no rule covers
-      (tied, or transformed before use) get exact per-example gradients for that
-      parameter alone, with a warning naming the latter. The dispersion is then
-      ``Σ_i ‖g_i‖² − b‖ḡ‖²`` per layer: in float32 its relative error is about
-      ``1e-7 · b‖ḡ‖² / Σ_i‖g_i − ḡ‖²``, negligible unless the mean gradient dominates
-      the per-example spread by ~10⁴ or more; use ``"vmap"`` there.
+      or embeddings (any gather mode: out-of-range ids count as JAX's gradient counts
+      them); biases, gains, convolution kernels and parameters no rule covers (tied,
+      transformed before use, used inside ``scan``, a batched ``dot_general`` or a
+      ``custom_vjp``) get exact per-example gradients for that parameter alone, with a
+      warning naming the latter. Calls and ``jax.checkpoint`` blocks are inlined. The
+      dispersion is ``Σ_i ‖g_i‖² − b‖ḡ‖²`` per layer, in the parameters' precision or
+      float32 if wider; where that difference would cancel all but ``1e5·eps`` of
+      ``Σ_i ‖g_i‖²`` (the mean gradient dominating), the layer is recomputed exactly
+      from its per-example gradients, a few at a time, inside the same call
+      (``lax.cond``: free when not taken), so the relative rounding error stays below
+      about ``1.6e-4`` (``jaxgen._ghost.CANCELLATION_EPS``). A program the interpreter
+      cannot follow is computed with ``"vmap"``, with a warning.
     - ``"vmap"``: materialises per-example gradients (``microbatch_size`` at a time) and
       sums squared residuals about the batch gradient (computed first, one cheap pass),
       so it stays accurate in float32 however much ``‖ḡ‖`` dominates.
-    - ``"auto"``: ``"ghost"``, silently falling back per parameter.
+    - ``"auto"``: ``"ghost"``, silently falling back per parameter (or to ``"vmap"``).
 
     Args:
       loss_fn: per-example loss ``loss_fn(params, example) -> scalar``, a pure function
@@ -233,7 +251,19 @@ def gradient_dispersion(
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
     if method == "vmap":
         return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
-    return _dispersion_ghost(loss_fn, params, batch, warn=method == "ghost")
+    try:
+        return _dispersion_ghost(loss_fn, params, batch, warn=method == "ghost")
+    except jax.errors.JaxRuntimeError:
+        raise
+    except Exception as error:  # a program the ghost interpreter cannot follow
+        if method == "ghost":
+            warnings.warn(
+                f"method='ghost' cannot follow this loss ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}); "
+                "computed with method='vmap' instead",
+                stacklevel=2,
+            )
+        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "warn"))

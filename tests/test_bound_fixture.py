@@ -12,8 +12,10 @@ probes and the n/10 examples of ``Tr H`` and the flatness, and the probes and ex
 of ``E‖H_z‖_F²``, so the estimates at the final weights changed, and with them every
 bound through ``Tr H``, σ* and the flatness; GMP's perturbations and the label noise
 changed too, so those two runs (``gmp``, ``label-noise``) follow other trajectories
-and are not compared. What the streams do not touch must still be equal bit for bit,
-and what they touch must still be assembled into the bounds as before.
+and are not compared. What the streams do not touch was then still equal bit for bit;
+since the ghost path's exact fallback for cancelling layers (a ``lax.cond`` per layer)
+changed how XLA fuses its float32 reductions, it is equal to float32 rounding (1e-6
+relative), and what the streams touch must still be assembled into the bounds as before.
 """
 
 import json
@@ -39,6 +41,17 @@ ESTIMATES = {
 }
 
 
+def _close(new, old) -> bool:
+    """Equal, floats to float32 rounding (integers, strings and None exactly)."""
+    if isinstance(old, dict):
+        return new.keys() == old.keys() and all(_close(new[k], old[k]) for k in old)
+    if isinstance(old, list):
+        return len(new) == len(old) and all(_close(a, b) for a, b in zip(new, old, strict=True))
+    if isinstance(old, float) and not isinstance(new, bool):
+        return new == pytest.approx(old, rel=1e-6, abs=1e-12, nan_ok=True)
+    return new == old
+
+
 def _today(argv):
     return [RENAMED.get(a, a) if a.startswith("--") else a for a in argv]
 
@@ -54,7 +67,7 @@ def test_same_configuration_same_result(name, tmp_path):
     assert set(new) - {"seconds", "jaxgen_version"} == set(old) | added
     for key, value in old.items():
         if key not in ESTIMATES and key != "config":  # the config's own keys were renamed
-            assert new[key] == value, key
+            assert _close(new[key], value), key
     # Eq. 2 is 3/2 (R² T/n Σλ²V Tr H)^(1/3) and σ* = (a/(T Tr H))^(1/3), Σλ²V unchanged:
     cube_root = (new["hessian_trace"] / old["hessian_trace"]) ** (1 / 3)
     assert new["eq2_bound"] == pytest.approx(old["eq2_bound"] * cube_root, rel=1e-5)

@@ -5,6 +5,7 @@ import pytest
 from conftest import mlp_loss
 
 import jaxgen
+from jaxgen._random import rademacher_like
 
 
 def _to64(tree):
@@ -72,16 +73,8 @@ def test_hutchinson_standard_error_is_the_sample_error(mlp):
     hessian = np.asarray(jax.hessian(mean_loss)(flat), np.float64)
     samples = []
     for probe_key in jax.random.split(key, 6):
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(probe_key, len(leaves))
-        probe = [
-            jax.random.rademacher(k, leaf.shape, dtype=leaf.dtype)
-            for k, leaf in zip(keys, leaves, strict=True)
-        ]
-        v = np.asarray(
-            jax.flatten_util.ravel_pytree(jax.tree_util.tree_unflatten(treedef, probe))[0],
-            np.float64,
-        )
+        probe = rademacher_like(probe_key, params)
+        v = np.asarray(jax.flatten_util.ravel_pytree(probe)[0], np.float64)
         samples.append(v @ hessian @ v)
     np.testing.assert_allclose(estimate.value, np.mean(samples), rtol=1e-4)
     np.testing.assert_allclose(estimate.stderr, np.std(samples, ddof=1) / np.sqrt(6), rtol=1e-3)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxgen._random import as_key, gaussian_like
+from jaxgen._random import as_key, gaussian_like, rademacher_like
 
 
 def test_gaussian_like_is_normal_with_the_requested_scale():
@@ -16,6 +16,23 @@ def test_gaussian_like_is_normal_with_the_requested_scale():
     assert stats.kstest(z, "norm").pvalue > 1e-3
     other = gaussian_like(jax.random.key(1), params, 0.5)
     assert not np.allclose(noise["b"], other["b"])
+
+
+def test_rademacher_like_has_independent_fair_signs():
+    """E[v vᵀ] = I: fair ±1 entries, uncorrelated, also between neighbouring bits of one
+    generator word (entries j and j+1 share a word unless j+1 is a multiple of 32)."""
+    params = {"a": jnp.zeros((400, 250)), "b": jnp.zeros((3, 5), jnp.bfloat16)}
+    probe = rademacher_like(jax.random.key(0), params)
+    v = np.asarray(probe["a"], np.float64).ravel()
+    assert set(np.unique(v)) == {-1.0, 1.0} and probe["b"].dtype == jnp.bfloat16
+    n = v.size
+    assert abs(v.mean()) < 5 / np.sqrt(n)
+    for lag in (1, 2, 31, 32, 33):
+        assert abs(np.mean(v[:-lag] * v[lag:])) < 5 / np.sqrt(n), lag
+    words = v[: n // 32 * 32].reshape(-1, 32)  # every bit position of the word is fair
+    assert np.all(np.abs(words.mean(axis=0)) < 5 / np.sqrt(words.shape[0]))
+    other = rademacher_like(jax.random.key(1), params)
+    assert np.mean(v == np.asarray(other["a"]).ravel()) == pytest.approx(0.5, abs=0.01)
 
 
 def test_low_precision_leaves_keep_their_dtype_and_scale():

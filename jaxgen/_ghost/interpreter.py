@@ -15,7 +15,10 @@ from typing import Any, NamedTuple
 import jax.extend.core as jcore
 import jax.numpy as jnp
 
-CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint")
+# Inlined calls. ``remat2`` (jax 0.10+), ``checkpoint`` and ``remat`` (older) are
+# ``jax.checkpoint``: inlined, the uses inside get their rules, but the block's
+# activations are kept for the backward pass instead of recomputed.
+CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "remat", "checkpoint")
 VIEWS = (
     "convert_element_type",
     "reshape",
@@ -171,11 +174,14 @@ def bind(eqn, values):
 
 
 class ParamOnly(Interpreter):
-    """Evaluates only the parameter-derived part; records each use's parameter operands."""
+    """Evaluates only the parameter-derived part; records each use's parameter operands
+    (``operands``) and its constant operands by position (``constants``: literals, closed
+    over arrays, values computed from neither parameters nor the example)."""
 
     def __init__(self):
         super().__init__()
         self.operands: list[list[Any]] = []
+        self.constants: list[dict[int, Any]] = []
 
     def _apply(self, eqn, entries):
         kinds = {e.kind for e in entries}
@@ -184,5 +190,8 @@ class ParamOnly(Interpreter):
         if EXAMPLE in kinds:
             if PARAM in kinds:
                 self.operands.append([e.value for e in entries if e.kind == PARAM])
+                self.constants.append(
+                    {i: e.value for i, e in enumerate(entries) if e.kind == CONST}
+                )
             return [Value(None, EXAMPLE) for _ in eqn.outvars]
         return super()._apply(eqn, entries)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.lax import GatherScatterMode
 
 from jaxgen._ghost.interpreter import EXAMPLE, Interpreter, Use
 
@@ -60,9 +61,15 @@ def dense_sq_norm(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     return product_sq_norm(xm, dm)
 
 
+def accumulator(*arrays: jax.Array) -> jnp.dtype:
+    """The parameters' precision or float32, whichever is wider."""
+    return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
+
+
 def product_sq_norm(xm: jax.Array, dm: jax.Array) -> jax.Array:
     """``‖xmᵀ dm‖²`` for ``xm (T, K)``, ``dm (T, N)``, by the cheapest exact form."""
-    xm, dm = xm.astype(jnp.float32), dm.astype(jnp.float32)
+    dtype = accumulator(xm, dm)
+    xm, dm = xm.astype(dtype), dm.astype(dtype)
     rows, k, n = xm.shape[0], xm.shape[1], dm.shape[1]
     if rows == 1:
         return jnp.sum(jnp.square(xm)) * jnp.sum(jnp.square(dm))
@@ -71,10 +78,22 @@ def product_sq_norm(xm: jax.Array, dm: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(xm.T @ dm))
 
 
+# How the gradient of a gather treats an index out of range: JAX's transpose (a
+# scatter-add) drops it unless the gather clips it into range.
+_GATHER_MODES = (
+    GatherScatterMode.CLIP,
+    GatherScatterMode.FILL_OR_DROP,
+    GatherScatterMode.PROMISE_IN_BOUNDS,
+)
+
+
 def is_embedding(use: Use) -> bool:
-    """``table[indices]`` with a 2-D table: one row per index, the row as the last axis."""
+    """``table[indices]`` with a 2-D table: one row per index, the row as the last axis,
+    in a mode whose gradient ``embedding_sq_norm`` reproduces."""
     eqn = use.eqn
     if not use.single_view or eqn.primitive.name != "gather" or use.param_positions != (0,):
+        return False
+    if eqn.params.get("mode") not in _GATHER_MODES:
         return False
     table, indices = (v.aval for v in eqn.invars)
     dims = eqn.params["dimension_numbers"]
@@ -91,10 +110,20 @@ def is_embedding(use: Use) -> bool:
 
 
 def embedding_sq_norm(use: Use, indices: jax.Array, delta: jax.Array) -> jax.Array:
-    """``‖Σ_t e_{k_t} δ_tᵀ‖² = Σ_{t,s} 1[k_t = k_s] δ_t·δ_s`` for one example."""
-    del use
+    """``‖Σ_t e_{k_t} δ_tᵀ‖² = Σ_{t,s} 1[k_t = k_s] δ_t·δ_s`` for one example.
+
+    Out-of-range ids follow the gather's mode, as JAX's gradient does: clipped into range
+    (``CLIP``), or contributing nothing (``FILL_OR_DROP``, ``PROMISE_IN_BOUNDS``).
+    """
+    vocabulary = use.eqn.invars[0].aval.shape[0]
     keys = indices.reshape(-1)
-    rows = delta.reshape(keys.shape[0], -1).astype(jnp.float32)
+    rows = delta.reshape(keys.shape[0], -1)
+    rows = rows.astype(accumulator(rows))
+    if use.eqn.params["mode"] == GatherScatterMode.CLIP:
+        keys = jnp.clip(keys, 0, vocabulary - 1)
+    else:
+        in_range = (keys >= 0) & (keys < vocabulary)
+        rows = jnp.where(in_range[:, None], rows, 0)
     same = keys[:, None] == keys[None, :]
     return jnp.sum(jnp.where(same, rows @ rows.T, 0.0))
 

@@ -1,0 +1,164 @@
+"""Hessian trace per probe against one plain batch gradient, side by side in one process.
+
+    python benchmarks/hessian.py [--quick] [--probes M]
+
+For each model: a jitted plain batch gradient (the baseline), ``hessian_trace`` with
+``M`` Hutchinson probes (chunks of 1 and of 10 probes), and the two ways of forming one
+``H v`` that jaxgen does not use: forward-over-reverse (``jvp`` of ``grad``) and the
+gradient linearized once, applied to each probe, both as straight rows of probes like
+``hessian_trace``; and, in a ``lax.map`` loop, what ``hessian_trace`` did before (the
+XLA:CPU convolution-in-a-loop slowdown). Where PyTorch is installed
+(``pip install -e .[peers]``): its plain backward and PyHessian's Hutchinson step
+(double backward, ``vᵀ H v`` per probe) on the same architecture and batch. Times per
+probe are divided by the plain gradient of the same framework. Prints a table and writes
+``benchmarks/results/hessian.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import optax
+from _common import (
+    cnn,
+    interleaved_medians,
+    machine,
+    mean_loss,
+    mlp,
+    save,
+    torch_model,
+    transformer,
+)
+
+import jaxgen
+from jaxgen._chunks import map_in_rows
+from jaxgen._random import rademacher_like
+
+MODELS = {  # name: (model, batch size)
+    "MLP 784-1024-1024-10": (mlp, 128),
+    "CNN 32x32x3": (cnn, 32),
+    "Transformer block T=32": (transformer, 32),
+}
+
+
+def _hvp_variants(loss_fn, probes: int):
+    batch_loss = mean_loss(loss_fn)
+    grad = jax.grad(batch_loss)
+
+    def fwd_over_rev(params, batch, key, chunk, loop=False):
+        def sample(k):
+            v = rademacher_like(k, params)
+            return optax.tree.vdot(v, jax.jvp(lambda p: grad(p, batch), (params,), (v,))[1])
+
+        keys = jax.random.split(key, probes)
+        if loop:
+            return jax.lax.map(sample, keys, batch_size=chunk)
+        return map_in_rows(sample, keys, chunk)
+
+    def linearized(params, batch, key, chunk):
+        _, hvp = jax.linearize(lambda p: grad(p, batch), params)
+
+        def sample(k):
+            v = rademacher_like(k, params)
+            return optax.tree.vdot(v, hvp(v))
+
+        return map_in_rows(sample, jax.random.split(key, probes), chunk)
+
+    def trace(params, batch, key, chunk):
+        return jaxgen.hessian_trace(
+            loss_fn, params, batch, key=key, num_probes=probes, chunk_size=chunk
+        ).value
+
+    jit = functools.partial(jax.jit, static_argnums=3)
+    return {
+        "hessian_trace, chunk 1": (jit(trace), 1),
+        "hessian_trace, chunk 10": (jit(trace), 10),
+        "fwd-over-rev H v, chunk 1": (jit(fwd_over_rev), 1),
+        "linearized H v, chunk 1": (jit(linearized), 1),
+        "fwd-over-rev H v in lax.map (before)": (
+            jax.jit(functools.partial(fwd_over_rev, loop=True), static_argnums=3),
+            10,
+        ),
+    }
+
+
+def _torch_rows(name: str, batch_size: int, probes: int, repeats: int):
+    """PyTorch: (label, seconds per call, calls per probe) rows; [] when unavailable."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    model, shape = torch_model(name)
+    if model is None:
+        return []
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, *shape)
+    y = torch.randint(0, 10, (batch_size,))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def plain():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def pyhessian():  # PyHessian's trace(): one double backward per Rademacher probe
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        total = 0.0
+        for _ in range(probes):
+            v = [torch.randint_like(p, high=2) * 2 - 1 for p in params]
+            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            total += sum((a * b).sum() for a, b in zip(hv, v, strict=True)).item()
+        return total
+
+    calls = {
+        "torch plain backward": (plain, ()),
+        "torch PyHessian (double backward)": (pyhessian, ()),
+    }
+    medians = interleaved_medians(calls, repeats=repeats, block_time=0.0)
+    return [(label, seconds) for label, seconds in medians.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--probes", type=int, default=20, help="Hutchinson probes per call")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 5
+    print(f"machine: {machine()}; {args.probes} probes per call")
+    header = f"{'model':<24}{'variant':<40}{'ms/probe':>10}{'× grad':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name, (model, batch_size) in MODELS.items():
+        params, loss_fn, make_batch = model(jax.random.key(0))
+        batch = make_batch(jax.random.key(1), batch_size)
+        key = jax.random.key(2)
+        calls = {"plain grad": (jax.jit(jax.grad(mean_loss(loss_fn))), (params, batch))}
+        for label, (fn, chunk) in _hvp_variants(loss_fn, args.probes).items():
+            calls[label] = (fn, (params, batch, key, chunk))
+        medians = interleaved_medians(calls, repeats=repeats, block_time=0.0)
+        baseline = medians.pop("plain grad")
+        measured = [(label, seconds / args.probes) for label, seconds in medians.items()]
+        torch_rows = _torch_rows(name, batch_size, args.probes, repeats)
+        torch_baseline = dict(torch_rows).pop("torch plain backward", None)
+        print(f"{name:<24}{'plain grad':<40}{1e3 * baseline:>10.2f}{1.0:>8.2f}")
+        for label, per_probe in measured:
+            ratio = per_probe / baseline
+            rows.append({"model": name, "variant": label, "ms_per_probe": 1e3 * per_probe,
+                         "ratio": ratio})  # fmt: skip
+            print(f"{name:<24}{label:<40}{1e3 * per_probe:>10.2f}{ratio:>8.2f}")
+        if torch_baseline:
+            per_probe = dict(torch_rows)["torch PyHessian (double backward)"] / args.probes
+            ratio = per_probe / torch_baseline
+            rows.append({"model": name, "variant": "torch PyHessian", "ms_per_probe":
+                         1e3 * per_probe, "ratio": ratio})  # fmt: skip
+            print(f"{name:<24}{'torch plain backward':<40}{1e3 * torch_baseline:>10.2f}{1.0:>8.2f}")
+            print(f"{name:<24}{'torch PyHessian (double backward)':<40}"
+                  f"{1e3 * per_probe:>10.2f}{ratio:>8.2f}")  # fmt: skip
+    print(f"wrote {save('hessian', rows)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""One way to evaluate a function over many probes or samples: vmapped rows, in sequence.
+
+Every estimator that averages over random draws (Hutchinson probes, the exact trace's
+basis vectors, flatness and sensitivity samples) evaluates ``fn`` on ``chunk_size`` draws
+at a time under ``vmap`` and the rows one after another. The rows are unrolled into
+straight-line code, not a ``lax.map`` (a while loop): XLA:CPU runs convolutions inside
+loops about 40× slower than outside them (``benchmarks/hessian.py``), while straight
+rows cost only compile time, proportional to their number. Beyond ``MAX_UNROLLED`` rows
+(e.g. the exact trace of a model with many parameters) the rows run in a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+MAX_UNROLLED = 32
+
+
+def map_in_rows(
+    fn: Callable[[Any], jax.Array],
+    xs: jax.Array,
+    chunk_size: int,
+    *,
+    row_constraint: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """``vmap(fn)(xs)``, computed ``chunk_size`` elements of ``xs`` at a time.
+
+    ``row_constraint`` is applied to each row of inputs (e.g. a sharding constraint that
+    spreads the row over devices). The last row is padded by repeating inputs, whose
+    outputs are dropped.
+    """
+    count = xs.shape[0]
+    width = min(chunk_size, count)
+    rows = -(-count // width)
+    padded = xs[jnp.arange(rows * width) % count].reshape(rows, width, *xs.shape[1:])
+
+    def row(row_xs):
+        if row_constraint is not None:
+            row_xs = row_constraint(row_xs)
+        return jax.vmap(fn)(row_xs)
+
+    if rows <= MAX_UNROLLED:
+        out = jnp.concatenate([row(padded[r]) for r in range(rows)])
+    else:
+        out = jax.lax.map(row, padded)
+        out = out.reshape(rows * width, *out.shape[2:])
+    return out[:count]

@@ -1,0 +1,282 @@
+"""Ghost norms on programs written the way JAX users write models.
+
+Every loss here is a valid pure per-example loss; ``"auto"`` and ``"ghost"`` must give
+the numbers of a float64 ``vmap(grad)`` oracle (never a traceback), and ``"ghost"`` must
+warn exactly when it materialises a parameter no rule covers.
+"""
+
+import warnings
+
+import equinox as eqx
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgen
+import jaxgen._ghost as ghost_module
+from jaxgen._ghost import rules
+
+B, D, H, V = 6, 5, 4, 7
+
+
+def _oracle(loss_fn, params, batch):
+    """Per-example squared norms and dispersion from float64 per-example gradients."""
+    with jax.enable_x64(True):
+        to64 = lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        params64 = jax.tree_util.tree_map(to64, params)
+        batch64 = jax.tree_util.tree_map(to64, batch)
+        grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params64, batch64)
+        flat = np.concatenate(
+            [np.asarray(g).reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1
+        )
+    residuals = flat - flat.mean(axis=0)
+    return np.sum(flat**2, axis=1), np.sum(residuals**2) / B
+
+
+def _check(loss_fn, params, batch, *, warns: bool, rtol=2e-4):
+    sq_norms, dispersion = _oracle(loss_fn, params, batch)
+    ghost_module._warn_once.cache_clear()  # each message is given once per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ghost = jaxgen.gradient_dispersion(loss_fn, params, batch, method="ghost")
+    messages = [str(w.message) for w in caught if "method='ghost'" in str(w.message)]
+    assert bool(messages) == warns, messages
+    auto = jaxgen.gradient_dispersion(loss_fn, params, batch)
+    for stats in (ghost, auto):
+        np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=rtol, atol=1e-6)
+        np.testing.assert_allclose(stats.dispersion, dispersion, rtol=rtol, atol=1e-7)
+    return messages
+
+
+def _normal(key, *shape):
+    return jax.random.normal(jax.random.key(key), shape)
+
+
+BATCH = {"x": _normal(0, B, D), "y": jnp.array([0, 1, 2, 3, 0, 1])}
+
+
+def _xent(logits, y):
+    return -jax.nn.log_softmax(logits)[y]
+
+
+def test_scan_over_stacked_layers_with_a_mask_built_inside_the_loss():
+    params = {"w": _normal(1, 3, D, D) / 2, "out": _normal(2, D, H)}
+
+    def loss(p, z):
+        mask = jnp.arange(D) % 2 == 0  # a constant the scan body closes over
+
+        def layer(h, w):
+            return jnp.where(mask, jnp.tanh(h @ w), h), None
+
+        h, _ = jax.lax.scan(layer, z["x"], p["w"])
+        return _xent(h @ p["out"], z["y"])
+
+    _check(loss, params, BATCH, warns=True)
+
+
+def test_fori_loop_with_a_literal_counter():
+    params = {"w": _normal(3, D, D) / 3, "out": _normal(4, D, H)}
+
+    def loss(p, z):
+        h = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]) + i, z["x"])
+        return _xent(h @ p["out"], z["y"])
+
+    _check(loss, params, BATCH, warns=True)
+
+
+def test_checkpointed_blocks_keep_the_fast_path():
+    params = {"w1": _normal(5, D, D), "b1": jnp.zeros(D), "w2": _normal(6, D, H)}
+
+    @jax.checkpoint
+    def block(w, b, x):
+        return jax.nn.relu(x @ w + b)
+
+    def loss(p, z):
+        return _xent(block(p["w1"], p["b1"], z["x"]) @ p["w2"], z["y"])
+
+    _check(loss, params, BATCH, warns=False)
+
+
+def test_custom_vjp_keeps_its_own_gradient():
+    @jax.custom_vjp
+    def clipped_tanh(x):
+        return jnp.tanh(x)
+
+    clipped_tanh.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (jnp.clip(g, -0.1, 0.1),))
+    params = {"w": _normal(7, D, D), "out": _normal(8, D, H)}
+
+    def loss(p, z):
+        return _xent(clipped_tanh(z["x"] @ p["w"]) @ p["out"], z["y"])
+
+    _check(loss, params, BATCH, warns=False)
+
+
+def test_custom_vjp_that_takes_the_parameters():
+    @jax.custom_vjp
+    def layer(w, x):
+        return jnp.tanh(x @ w)
+
+    def forward(w, x):
+        return layer(w, x), (w, x)
+
+    def backward(res, g):
+        w, x = res
+        d = g * (1 - jnp.tanh(x @ w) ** 2)
+        return 0.5 * jnp.outer(x, d), d @ w.T  # a deliberately different parameter rule
+
+    layer.defvjp(forward, backward)
+    params = {"w": _normal(9, D, D), "out": _normal(10, D, H)}
+    _check(lambda p, z: _xent(layer(p["w"], z["x"]) @ p["out"], z["y"]), params, BATCH, warns=True)
+
+
+def test_where_with_a_constant_other_branch():
+    params = {"w": _normal(11, D, H), "b": _normal(12, H)}
+
+    def loss(p, z):
+        logits = jnp.where(z["x"][:H] > 0, z["x"] @ p["w"], -1.0) + p["b"]
+        return _xent(logits, z["y"])
+
+    _check(loss, params, BATCH, warns=False)
+
+
+@pytest.mark.parametrize("mode", ["promise_in_bounds", "clip", "fill"])
+def test_gathers_in_every_mode_with_ids_out_of_range(mode):
+    ids = jnp.array([[0, 3, V, 3], [V + 2, 1, 1, 6], [2, 2, 2, 2], [V, V, 0, 5], [6, 6, 1, 0],
+                     [4, V + 1, 3, 3]])  # fmt: skip
+    batch = {"ids": ids, "y": BATCH["y"]}
+    params = {"table": _normal(13, V, D), "out": _normal(14, D, H)}
+
+    def loss(p, z):
+        rows = p["table"].at[z["ids"]].get(mode=mode, fill_value=0.0)
+        return _xent(jnp.tanh(rows).mean(0) @ p["out"], z["y"])
+
+    _check(loss, params, batch, warns=False)
+
+
+def test_dynamic_slice_with_a_literal_start_index():
+    params = {"w": _normal(15, D, 2 * D), "out": _normal(16, D, H)}
+
+    def loss(p, z):
+        start = jnp.argmax(z["x"]) % D  # example-dependent column, literal row 0
+        w = jax.lax.dynamic_slice(p["w"], (0, start), (D, D))
+        return _xent(jnp.tanh(z["x"] @ w) @ p["out"], z["y"])
+
+    _check(loss, params, BATCH, warns=True)
+
+
+def test_weight_normalisation_and_tied_weights():
+    params = {"v": _normal(17, D, H), "g": jnp.ones(H) * 2, "table": _normal(18, V, D)}
+
+    def loss(p, z):
+        w = p["g"] * p["v"] / jnp.linalg.norm(p["v"], axis=0)
+        h = p["table"][z["y"] + 2] + z["x"]  # embedding ...
+        scores = jnp.tanh(h @ w) @ w.T @ p["table"].T  # ... tied with the output
+        return _xent(scores, z["y"])
+
+    _check(loss, params, BATCH, warns=True)
+
+
+def test_dot_general_with_batch_dimensions_goes_to_the_exact_path():
+    params = {"heads": _normal(19, 2, D, H)}
+
+    def loss(p, z):
+        x = jnp.stack([z["x"], -z["x"]])
+        return _xent(jnp.tanh(jnp.einsum("hd,hdk->hk", x, p["heads"])).sum(0), z["y"])
+
+    _check(loss, params, BATCH, warns=True)
+
+
+@pytest.mark.parametrize("order", ["param_minus_data", "data_minus_param"])
+def test_subtracted_biases_keep_their_sign(order):
+    params = {"w": _normal(20, D, H), "b": _normal(21, 1, H)}
+
+    def loss(p, z):
+        y = (z["x"] @ p["w"])[None]
+        return _xent((p["b"] - y if order == "param_minus_data" else y - p["b"])[0], z["y"])
+
+    _check(loss, params, BATCH, warns=False)
+
+
+def test_bfloat16_parameters():
+    params = {"w": _normal(22, D, H).astype(jnp.bfloat16), "b": jnp.zeros(H, jnp.bfloat16)}
+
+    def loss(p, z):
+        return _xent((z["x"].astype(jnp.bfloat16) @ p["w"] + p["b"]).astype(jnp.float32), z["y"])
+
+    sq_norms, dispersion = _oracle(loss, params, BATCH)
+    stats = jaxgen.gradient_dispersion(loss, params, BATCH)
+    np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=3e-2)
+    np.testing.assert_allclose(stats.dispersion, dispersion, rtol=3e-2)
+
+
+def test_float64_parameters_give_float64_results():
+    with jax.enable_x64(True):
+        params = {"w": _normal(23, D, H).astype(jnp.float64), "b": jnp.zeros(H, jnp.float64)}
+        batch = {"x": BATCH["x"].astype(jnp.float64), "y": BATCH["y"]}
+
+        def loss(p, z):
+            return _xent(z["x"] @ p["w"] + p["b"], z["y"])
+
+        for method in ("ghost", "auto", "vmap"):
+            stats = jaxgen.gradient_dispersion(loss, params, batch, method=method)
+            assert stats.dispersion.dtype == stats.sq_norms.dtype == jnp.float64, method
+        sq_norms, dispersion = _oracle(loss, params, batch)
+        np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-12)
+        np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-12)
+
+
+def test_auto_is_exact_when_the_mean_gradient_dominates_by_1e8():
+    """g_i = x_i δ with x_i = c + ε_i: ‖ḡ‖² / dispersion ≈ c²/Var(ε) = 1e8."""
+    c, spread = 1e3, 0.1
+    x = c + spread * _normal(24, B, D)
+    params = {"w": jnp.ones((D, 1))}
+
+    def loss(p, z):
+        return (z["x"] @ p["w"])[0]  # δ = 1: g_i = x_i exactly
+
+    batch = {"x": x}
+    sq_norms, dispersion = _oracle(loss, params, batch)
+    assert np.sum(np.mean(np.asarray(x, np.float64), 0) ** 2) / dispersion > 1e7
+    stats = jaxgen.gradient_dispersion(loss, params, batch)
+    np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
+    np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+
+
+def test_flax_linen_and_equinox_models():
+    class LinenMLP(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(H)(jax.nn.gelu(linen.LayerNorm()(linen.Dense(D)(x))))
+
+    model = LinenMLP()
+    variables = model.init(jax.random.key(25), BATCH["x"][0])
+    _check(lambda v, z: _xent(model.apply(v, z["x"]), z["y"]), variables, BATCH, warns=False)
+
+    mlp = eqx.nn.MLP(D, H, width_size=6, depth=2, key=jax.random.key(26))
+    params, static = eqx.partition(mlp, eqx.is_inexact_array)
+
+    def loss(p, z):
+        return _xent(eqx.combine(p, static)(z["x"]), z["y"])
+
+    _check(loss, params, BATCH, warns=False)
+
+
+def test_a_program_the_interpreter_cannot_follow_falls_back_to_vmap(monkeypatch):
+    def broken(use, x, delta):
+        raise NotImplementedError("no such rule")
+
+    monkeypatch.setitem(rules.RULES, "dense", rules.Rule(rules.is_dense, sq_norms=broken))
+    params = {"w": _normal(27, D, H)}
+
+    def loss(p, z):  # a fresh function: nothing cached from the other tests
+        return _xent(z["x"] @ p["w"], z["y"])
+
+    with pytest.warns(UserWarning, match="cannot follow this loss .* method='vmap' instead"):
+        stats = jaxgen.gradient_dispersion(loss, params, BATCH, method="ghost")
+    _, dispersion = _oracle(loss, params, BATCH)
+    np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxgen.gradient_dispersion(loss, params, BATCH)  # "auto": silently
