@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgen import _checks
+from jaxgen._sums import pairwise_sum
 from jaxgen._types import LossFn, PyTree
 
 _METHODS = ("auto", "vmap", "ghost")
@@ -82,17 +83,6 @@ class _ResidualSums(NamedTuple):
 
     total: PyTree
     squares: PyTree
-
-
-def pairwise_sum(x: jax.Array) -> jax.Array:
-    """``x.sum(axis=0)`` by adding halves: XLA:CPU reduces over the leading axis of a
-    large array 10–50× slower than it adds contiguous blocks (``benchmarks/dispersion.py``,
-    the vmap rows), and pairwise summation rounds less."""
-    while x.shape[0] > 1:
-        half = x.shape[0] // 2
-        head = x[:half] + x[half : 2 * half]
-        x = jnp.concatenate([head, x[2 * half :]]) if x.shape[0] % 2 else head
-    return x[0]
 
 
 def _residual_sums(loss_fn: LossFn, params: PyTree, chunk: PyTree, shift: PyTree):

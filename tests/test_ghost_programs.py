@@ -280,3 +280,52 @@ def test_a_program_the_interpreter_cannot_follow_falls_back_to_vmap(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jaxgen.gradient_dispersion(loss, params, BATCH)  # "auto": silently
+
+
+CONVS = {  # name: (input shape of one example, kernel shape, conv keyword arguments)
+    "nhwc same": ((1, 9, 9, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding="SAME")),
+    "strided valid": ((1, 9, 8, 3), (3, 2, 3, 4), dict(window_strides=(2, 3), padding="VALID")),
+    "asymmetric and negative padding": (
+        (1, 8, 8, 2), (3, 3, 2, 3), dict(window_strides=(1, 2), padding=((2, 0), (1, -1)))
+    ),
+    "dilated kernel": ((1, 9, 9, 2), (2, 3, 2, 3), dict(window_strides=(1, 1), padding="SAME",
+                                                        rhs_dilation=(2, 2))),
+    "transposed (input dilation)": ((1, 5, 5, 2), (3, 3, 2, 3), dict(
+        window_strides=(1, 1), padding=((2, 2), (1, 2)), lhs_dilation=(2, 2))),
+    "depthwise": ((1, 8, 8, 4), (3, 3, 1, 8), dict(window_strides=(2, 2), padding="SAME",
+                                                    feature_group_count=4)),
+    "grouped, two images per example": ((2, 6, 6, 4), (3, 3, 2, 6), dict(
+        window_strides=(1, 1), padding="SAME", feature_group_count=2)),
+    "nchw / oihw": ((1, 3, 7, 7), (4, 3, 3, 3), dict(window_strides=(1, 1), padding="SAME",
+                                                      dimension_numbers=("NCHW", "OIHW", "NCHW"))),
+    "1-d": ((1, 11, 3), (4, 3, 5), dict(window_strides=(2,), padding="VALID",
+                                        dimension_numbers=("NWC", "WIO", "NWC"))),
+    "3-d": ((1, 5, 5, 4, 2), (2, 3, 2, 2, 3), dict(window_strides=(1, 2, 1), padding="SAME",
+                                                   dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_convolution_kernels_of_every_shape_get_exact_per_example_gradients(name):
+    shape, kernel_shape, kwargs = CONVS[name]
+    kwargs.setdefault("dimension_numbers", ("NHWC", "HWIO", "NHWC"))
+    params = {"kernel": _normal(30, *kernel_shape) / 3}
+    batch = {"x": _normal(31, B, *shape), "y": BATCH["y"]}
+
+    def loss(p, z):
+        out = jax.lax.conv_general_dilated(z["x"], p["kernel"], **kwargs)
+        return _xent(jnp.tanh(out).reshape(-1)[:H] * 3, z["y"])
+
+    _check(loss, params, batch, warns=False, rtol=5e-4)
+    plan_rules = _rules_used(loss, params, batch)
+    assert plan_rules == {"conv"}, plan_rules
+
+
+def _rules_used(loss, params, batch):
+    from jaxgen._ghost import _discover, _trace
+
+    leaves = jax.tree_util.tree_leaves(params)
+    one = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in jax.tree_util.tree_leaves(batch)]
+    plan = _discover(_trace(loss, params, batch), leaves, one)
+    names = {id(rule): name for name, rule in rules.RULES.items()}
+    return {names[id(plan.uses[u].rule)] for u in plan.fast.values()}

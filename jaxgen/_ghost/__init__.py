@@ -16,11 +16,13 @@ The places are found from the function itself: ``loss_fn(params, example)`` is t
 to a jaxpr and re-evaluated by a small interpreter, so Flax NNX, Equinox and
 hand-written models need no changes (kfac-jax locates layers the same way). A bias
 (a parameter added to example data) has ``g_i = δ_i`` summed over broadcast axes, read
-straight from the probe. Elementwise gains and convolution kernels get exact per-example
-gradients for that parameter alone, from the vector-Jacobian product of the operation
-that uses it (small for those parameters), as do parameters no rule covers (used in
-several places, transformed before use, anything else), which ``method="ghost"`` names
-in a warning. ``RULES`` lists the rules in the order they are tried.
+straight from the probe; a convolution kernel has ``g_i[k] = Σ_p x_i[p·s + k·d] δ_i[p]ᵀ``,
+one batched contraction per kernel offset over strided slices of the padded input.
+Elementwise gains get exact per-example gradients for that parameter alone, from the
+vector-Jacobian product of the operation that uses it (small for those parameters), as
+do parameters no rule covers (used in several places, transformed before use, inside a
+``scan``, anything else), which ``method="ghost"`` names in a warning. ``RULES`` lists
+the rules in the order they are tried.
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are at hand is centred exactly instead, and so is a ghost leaf
@@ -42,6 +44,7 @@ from jaxgen._ghost.interpreter import Interpreter, Use
 from jaxgen._ghost.materialise import LeafStats, centred, centred_in_chunks, materialise
 from jaxgen._ghost.rules import Plan, accumulator, make_plan
 from jaxgen._per_example import DispersionStats
+from jaxgen._sums import pairwise_sum
 from jaxgen._types import LossFn, PyTree
 
 
@@ -130,14 +133,20 @@ def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, exact) ->
     gradients when the ghost difference would lose digits (``CANCELLATION_EPS``)."""
     (x,) = backward.captured[u]
     (delta,) = backward.deltas[u]
-    if use.rule.grads is not None:
-        return centred(use.rule.grads(use, delta), mean)
+    if use.rule.grads is not None:  # centred on their own mean: the operand's layout
+        grads = use.rule.grads(use, x, delta)
+        return centred(grads, pairwise_sum(grads) / grads.shape[0])
     norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(x, delta)
     dtype = norms.dtype
     total = jnp.sum(norms)
     m2 = total - norms.shape[0] * jnp.sum(jnp.square(mean.astype(dtype)))
     ghost = LeafStats(norms, jnp.maximum(m2, 0.0))
     cancels = m2 < CANCELLATION_EPS * jnp.finfo(dtype).eps * total
+    if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
+
+        def exact():
+            return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(dtype))
+
     return jax.lax.cond(cancels, exact, lambda: ghost)
 
 

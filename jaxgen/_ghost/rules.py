@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable
 
@@ -11,6 +13,9 @@ import jax.numpy as jnp
 from jax.lax import GatherScatterMode
 
 from jaxgen._ghost.interpreter import EXAMPLE, Interpreter, Use
+from jaxgen._sums import pairwise_sum
+
+BLOCK_ELEMENTS = 2**16  # the exact dense recomputation's residual block, whole batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,15 +23,18 @@ class Rule:
     """How a leaf used once, in an equation ``matches`` accepts, gets its statistics.
 
     ``sq_norms(use, x, delta)`` gives ``‖g_i‖²`` from one example's operand ``x`` and
-    output gradient ``delta`` without ``g_i`` (a ghost rule); ``grads(use, delta)`` gives
-    the batch of ``g_i`` for the leaf straight from the probes. A rule with neither
+    output gradient ``delta`` without ``g_i`` (a ghost rule); ``grads(use, x, delta)``
+    gives the batch of ``g_i`` for the leaf (in the layout of the equation's operand)
+    from the batched operands and output gradients. A rule with neither
     materialises ``g_i`` from the equation's VJP; ``warn`` names such leaves in the
-    warning of ``method="ghost"``.
+    warning of ``method="ghost"``. ``centred_m2(use, x, delta)`` (batched), where given,
+    is the exact ``Σ_i ‖g_i − ḡ‖²`` used when the ghost difference cancels.
     """
 
     matches: Callable[[Use], bool]
     sq_norms: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
-    grads: Callable[[Use, jax.Array], jax.Array] | None = None
+    grads: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
+    centred_m2: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
     warn: bool = False
 
     @property
@@ -41,8 +49,9 @@ def is_dense(use: Use) -> bool:
     return not lhs_batch and not rhs_batch
 
 
-def dense_sq_norm(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
-    """``‖xᵀ δ‖²`` for one example, in the Goodfellow or Gram form, or materialised."""
+def dense_matrices(use: Use, x: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One example's operand and output gradient as ``xm (T, K)``, ``dm (T, N)``, so that
+    the leaf's gradient is ``xmᵀ dm`` (in the order contracted, then free, dimensions)."""
     eqn, x_position = use.eqn, use.example_positions[0]
     (contract_lhs, contract_rhs), _ = eqn.params["dimension_numbers"]
     x_contract = contract_lhs if x_position == 0 else contract_rhs
@@ -58,7 +67,34 @@ def dense_sq_norm(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     else:
         delta_order = list(range(num_w_free, delta.ndim)) + list(range(num_w_free))
     dm = jnp.transpose(delta, delta_order).reshape(rows, -1)
-    return product_sq_norm(xm, dm)
+    return xm, dm
+
+
+def dense_sq_norm(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
+    """``‖xᵀ δ‖²`` for one example, in the Goodfellow or Gram form, or materialised."""
+    return product_sq_norm(*dense_matrices(use, x, delta))
+
+
+def dense_centred_m2(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
+    """``Σ_i ‖g_i − ḡ‖²`` for a dense leaf, exactly: residuals formed a column block of
+    the leaf at a time (at most ``BLOCK_ELEMENTS`` numbers for the whole batch), centred
+    on the block's mean over the batch, so memory stays far below one leaf."""
+    xm, dm = jax.vmap(functools.partial(dense_matrices, use))(x, delta)
+    dtype = accumulator(xm, dm)
+    xm, dm = xm.astype(dtype), dm.astype(dtype)
+    size, k, n = xm.shape[0], xm.shape[2], dm.shape[2]
+    width = max(1, min(n, BLOCK_ELEMENTS // (size * k)))
+    blocks = -(-n // width)
+    dm = jnp.pad(dm, [(0, 0), (0, 0), (0, blocks * width - n)])
+    dm = jnp.moveaxis(dm.reshape(size, dm.shape[1], blocks, width), 2, 0)
+
+    def block(m2, d):  # d: (b, T, width)
+        grads = jnp.einsum("btk,btn->bkn", xm, d)
+        residuals = grads - pairwise_sum(grads) / size
+        return m2 + jnp.sum(jnp.square(residuals)), None
+
+    m2, _ = jax.lax.scan(block, jnp.zeros((), dtype), dm)
+    return m2
 
 
 def accumulator(*arrays: jax.Array) -> jnp.dtype:
@@ -136,8 +172,9 @@ def is_bias(use: Use) -> bool:
     return operand.ndim == use.eqn.outvars[0].aval.ndim
 
 
-def bias_grads(use: Use, delta: jax.Array) -> jax.Array:
+def bias_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     """``g_i = ±δ_i`` summed over the axes the bias was broadcast along."""
+    del x
     operand = use.eqn.invars[use.param_positions[0]].aval.shape
     axes = tuple(
         i + 1 for i, (p, o) in enumerate(zip(operand, delta.shape[1:], strict=True)) if p < o
@@ -147,13 +184,79 @@ def bias_grads(use: Use, delta: jax.Array) -> jax.Array:
     return -grads if negative else grads
 
 
+def is_conv_kernel(use: Use) -> bool:
+    """A leaf as the kernel of a convolution of example data (any layout, stride,
+    padding, dilation, transposed convolutions and feature groups; not batch groups)."""
+    eqn = use.eqn
+    return (
+        use.single_view
+        and eqn.primitive.name == "conv_general_dilated"
+        and use.param_positions == (1,)
+        and use.example_positions == (0,)
+        and eqn.params["batch_group_count"] == 1
+    )
+
+
+def conv_kernel_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
+    """Per-example kernel gradients ``g_i[k] = Σ_{n,p} x_i[n, p·s + k·d] δ_i[n, p]ᵀ``.
+
+    For every kernel offset ``k`` (``kh·kw`` of them in 2-D), a strided slice of the
+    padded (and, for transposed convolutions, interior-dilated) input meets the output
+    gradient in one batched contraction over the example's positions: the work of the
+    kernel's part of backpropagation, without XLA:CPU's grouped convolution.
+    """
+    p = use.eqn.params
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    spatial = len(lhs_spec) - 2
+    groups = p["feature_group_count"]
+    kernel = use.eqn.invars[1].aval.shape
+    kernel_sizes = [kernel[d] for d in rhs_spec[2:]]
+    dtype = accumulator(x, delta)
+    # (b, N, *spatial, C) and (b, N, *out_spatial, O)
+    x = jnp.transpose(x, [0, 1 + lhs_spec[0], *(1 + d for d in lhs_spec[2:]), 1 + lhs_spec[1]])
+    delta = jnp.transpose(
+        delta, [0, 1 + out_spec[0], *(1 + d for d in out_spec[2:]), 1 + out_spec[1]]
+    )
+    x, delta = x.astype(dtype), delta.astype(dtype)
+    config = [(0, 0, 0), (0, 0, 0)]
+    pads = zip(p["padding"], p["lhs_dilation"], strict=True)
+    config += [(lo, hi, dilation - 1) for (lo, hi), dilation in pads]
+    x = jax.lax.pad(x, jnp.zeros((), dtype), [*config, (0, 0, 0)])
+    out_sizes = delta.shape[2:-1]
+    b, n, channels, outputs = x.shape[0], x.shape[1], x.shape[-1], delta.shape[-1]
+    x = x.reshape(*x.shape[:-1], groups, channels // groups)
+    delta = delta.reshape(*delta.shape[:-1], groups, outputs // groups)
+    delta = jnp.transpose(delta.reshape(b, -1, groups, outputs // groups), (0, 2, 3, 1))
+    per_offset = []
+    for offset in itertools.product(*(range(k) for k in kernel_sizes)):
+        first = [k * d for k, d in zip(offset, p["rhs_dilation"], strict=True)]
+        steps = zip(first, out_sizes, p["window_strides"], strict=True)
+        last = [f + (size - 1) * stride + 1 for f, size, stride in steps]
+        window = jax.lax.slice(
+            x,
+            [0, 0, *first, 0, 0],
+            [b, n, *last, *x.shape[-2:]],
+            [1, 1, *p["window_strides"], 1, 1],
+        )
+        window = window.reshape(b, -1, groups, channels // groups)  # (b, T, g, c)
+        per_offset.append(  # delta: (b, g, o, T), transposed once for every offset
+            jnp.einsum("btgc,bgot->bcgo", window, delta).reshape(b, channels // groups, -1)
+        )
+    grads = jnp.stack(per_offset, axis=1).reshape(b, *kernel_sizes, channels // groups, outputs)
+    # (b, *kernel spatial, in, out) -> the kernel's own layout
+    source = {rhs_spec[0]: spatial + 2, rhs_spec[1]: spatial + 1}
+    source |= {d: 1 + i for i, d in enumerate(rhs_spec[2:])}
+    return jnp.transpose(grads, [0, *(source[d] for d in range(len(kernel)))])
+
+
 QUIETLY_MATERIALISED = ("add", "add_any", "sub", "mul", "conv_general_dilated")
 
 RULES: dict[str, Rule] = {
-    "dense": Rule(is_dense, sq_norms=dense_sq_norm),
+    "dense": Rule(is_dense, sq_norms=dense_sq_norm, centred_m2=dense_centred_m2),
     "embedding": Rule(is_embedding, sq_norms=embedding_sq_norm),
     "bias": Rule(is_bias, grads=bias_grads),
-    # Gains and convolution kernels: exact per-example gradients of that leaf alone.
+    "conv": Rule(is_conv_kernel, grads=conv_kernel_grads),
+    # Gains and other convolution operands: exact per-example gradients of that leaf alone.
     "materialised": Rule(lambda use: use.eqn.primitive.name in QUIETLY_MATERIALISED),
     "generic": Rule(lambda use: True, warn=True),
 }
