@@ -156,6 +156,76 @@ def cnn(key: jax.Array):
     return params, loss_fn, make_batch
 
 
+def strided_cnn(key: jax.Array):
+    """conv3x3(32, stride 2)-depthwise conv3x3(×2, stride 2)-conv1x1(64)-dense(10), 32×32×3."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    params = {
+        "conv1": jax.random.normal(k1, (3, 3, 3, 32)) / jnp.sqrt(27.0),
+        "depthwise": jax.random.normal(k2, (3, 3, 1, 64)) / 3.0,
+        "pointwise": jax.random.normal(k3, (1, 1, 64, 64)) / 8.0,
+        "dense": jax.random.normal(k4, (8 * 8 * 64, 10)) / jnp.sqrt(4096.0),
+        "b": jnp.zeros(10),
+    }
+
+    def conv(x, w, stride, groups=1):
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+        )  # fmt: skip
+
+    def loss_fn(params, example):
+        x = jax.nn.relu(conv(example["x"][None], params["conv1"], 2))
+        x = jax.nn.relu(conv(x, params["depthwise"], 2, groups=32))
+        x = jax.nn.relu(conv(x, params["pointwise"], 1))
+        return cross_entropy(x.reshape(-1) @ params["dense"] + params["b"], example["y"])
+
+    _, _, make_batch = cnn(key)
+    return params, loss_fn, make_batch
+
+
+def checkpointed_mlp(key: jax.Array):
+    """``mlp`` with each hidden layer under ``jax.checkpoint``."""
+    params, _, make_batch = mlp(key)
+
+    @jax.checkpoint
+    def layer(w, b, x):
+        return jax.nn.relu(x @ w + b)
+
+    def loss_fn(params, example):
+        x = example["x"]
+        for p in params[:-1]:
+            x = layer(p["w"], p["b"], x)
+        return cross_entropy(x @ params[-1]["w"] + params[-1]["b"], example["y"])
+
+    return params, loss_fn, make_batch
+
+
+def scanned_stack(key: jax.Array, layers=4, width=128, length=16, classes=10):
+    """``layers`` residual tanh blocks on a sequence, written as ``lax.scan`` over stacked
+    weights (the way flax ``nn.scan`` and equinox stacks write them)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {
+        "stack": jax.random.normal(k1, (layers, width, width)) / jnp.sqrt(width),
+        "head": jax.random.normal(k2, (width, classes)) / jnp.sqrt(width),
+    }
+
+    def loss_fn(params, example):
+        def block(h, w):
+            return h + jnp.tanh(h @ w), None
+
+        h, _ = jax.lax.scan(block, example["x"], params["stack"])
+        return cross_entropy(h.mean(0) @ params["head"], example["y"])
+
+    def make_batch(key, size):
+        kx, ky = jax.random.split(key)
+        return {
+            "x": jax.random.normal(kx, (size, length, width)),
+            "y": jax.random.randint(ky, (size,), 0, classes),
+        }
+
+    return params, loss_fn, make_batch
+
+
 def mean_loss(loss_fn):
     def batch_loss(params, batch):
         return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(params, batch))

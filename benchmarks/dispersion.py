@@ -23,6 +23,7 @@ import warnings
 
 import jax
 from _common import (
+    checkpointed_mlp,
     cnn,
     interleaved_medians,
     machine,
@@ -30,6 +31,8 @@ from _common import (
     mlp,
     peak_bytes,
     save,
+    scanned_stack,
+    strided_cnn,
     torch_model,
     transformer,
 )
@@ -37,7 +40,14 @@ from _common import (
 import jaxgen
 
 MICROBATCH = 32
-MODELS = {"MLP 784-1024-1024-10": mlp, "CNN 32x32x3": cnn, "Transformer block T=32": transformer}
+MODELS = {
+    "MLP 784-1024-1024-10": mlp,
+    "CNN 32x32x3": cnn,
+    "Transformer block T=32": transformer,
+    "Strided+depthwise CNN": strided_cnn,
+    "MLP under checkpoint": checkpointed_mlp,
+    "Scanned stack 4x128": scanned_stack,
+}
 
 
 def _jax_variants(loss_fn, with_vmap: bool):
@@ -106,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 64 only, fewer repeats")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and BackPACK")
+    parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     sizes = (64,) if args.quick else (64, 256)
@@ -114,8 +125,9 @@ def main() -> None:
     header = f"{'model':<24}{'batch':>6}  {'method':<32}{'ms':>10}{'× grad':>9}{'memory MB':>11}"
     print(header)
     print("-" * len(header))
-    for name, build in MODELS.items():
-        params, loss_fn, make_batch = build(jax.random.key(0))
+    chosen = args.models.split(",") if args.models else list(MODELS)
+    for name in chosen:
+        params, loss_fn, make_batch = MODELS[name](jax.random.key(0))
         for size in sizes:
             batch = make_batch(jax.random.key(1), size)
             variants = _jax_variants(loss_fn, with_vmap=True)
