@@ -213,7 +213,10 @@ def gradient_dispersion(
     - ``"vmap"``: materialises per-example gradients (``microbatch_size`` at a time) and
       sums squared residuals about the batch gradient (computed first, one cheap pass),
       so it stays accurate in float32 however much ``‖ḡ‖`` dominates.
-    - ``"auto"``: ``"ghost"``, silently falling back per parameter (or to ``"vmap"``).
+    - ``"auto"``: ``"ghost"``, silently falling back per parameter; ``"vmap"`` for the
+      whole call when a parameter's exact path would run a loop (``scan``, ``while``)
+      per example, which costs more than ``"vmap"`` (a scanned 4×128 stack: 5.5×
+      against 2.5× a gradient), or when the interpreter cannot follow the program.
 
     Args:
       loss_fn: per-example loss ``loss_fn(params, example) -> scalar``, a pure function
@@ -260,4 +263,7 @@ def gradient_dispersion(
 def _dispersion_ghost(loss_fn, params, batch, warn):
     from jaxgen._ghost import ghost_dispersion
 
-    return ghost_dispersion(loss_fn, params, batch, warn=warn)
+    def vmap_path():
+        return _dispersion_vmap(loss_fn, params, batch, None)
+
+    return ghost_dispersion(loss_fn, params, batch, warn=warn, fallback=None if warn else vmap_path)

@@ -329,3 +329,25 @@ def _rules_used(loss, params, batch):
     plan = _discover(_trace(loss, params, batch), leaves, one)
     names = {id(rule): name for name, rule in rules.RULES.items()}
     return {names[id(plan.uses[u].rule)] for u in plan.fast.values()}
+
+
+def test_auto_takes_the_vmap_path_when_the_exact_path_would_loop_per_example(monkeypatch):
+    """A scanned stack: the exact path would differentiate the whole scan per example."""
+    from jaxgen import _per_example
+
+    calls = []
+    original = _per_example._dispersion_vmap.__wrapped__
+
+    def spy(*args):
+        calls.append(True)
+        return original(*args)
+
+    params = {"stack": _normal(40, 3, D, D) / 2, "out": _normal(41, D, H)}
+
+    def loss(p, z):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), z["x"], p["stack"])
+        return _xent(h @ p["out"], z["y"])
+
+    monkeypatch.setattr(_per_example, "_dispersion_vmap", spy)
+    _check(loss, params, BATCH, warns=True)  # "ghost" still follows the program, warning
+    assert calls  # "auto" took the vmap path

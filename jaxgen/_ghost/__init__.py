@@ -150,16 +150,31 @@ def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, exact) ->
     return jax.lax.cond(cancels, exact, lambda: ghost)
 
 
+# Equations whose VJP, taken per example on the exact path, runs a loop: slower than
+# materialising every per-example gradient at once (the vmap path).
+LOOPS = ("scan", "while")
+
+
 def ghost_dispersion(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, *, warn: bool
+    loss_fn: LossFn, params: PyTree, batch: PyTree, *, warn: bool, fallback=None
 ) -> DispersionStats:
-    """``gradient_dispersion`` by ghost norms; see the module docstring."""
+    """``gradient_dispersion`` by ghost norms; see the module docstring.
+
+    ``fallback()``, if given, is returned instead when a materialised parameter's exact
+    path would run a loop per example (``LOOPS``).
+    """
     leaves = jax.tree_util.tree_leaves(params)
     example_leaves = jax.tree_util.tree_leaves(batch)
     size = example_leaves[0].shape[0]
     traced = _trace(loss_fn, params, batch)
     one = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in example_leaves]
     plan = _discover(traced, leaves, one)
+    if fallback is not None and any(
+        plan.uses[u].eqn.primitive.name in LOOPS
+        for u in range(len(plan.uses))
+        if plan.uses[u].leaves & set(plan.materialised)
+    ):
+        return fallback()
     if warn and plan.unsupported:
         names = ", ".join(jax.tree_util.keystr(p) for p in _paths(params, plan.unsupported))
         _warn_once(
