@@ -202,7 +202,8 @@ def gradient_dispersion(
       them); biases, gains, convolution kernels and parameters no rule covers (tied,
       transformed before use, used inside ``scan``, a batched ``dot_general`` or a
       ``custom_vjp``) get exact per-example gradients for that parameter alone, with a
-      warning naming the latter. Calls and ``jax.checkpoint`` blocks are inlined. The
+      warning naming the latter. Calls are inlined; ``jax.checkpoint`` blocks are
+      followed inside and stay rematerialised. The
       dispersion is ``Σ_i ‖g_i‖² − b‖ḡ‖²`` per layer, in the parameters' precision or
       float32 if wider; where that difference would cancel all but ``1e5·eps`` of
       ``Σ_i ‖g_i‖²`` (the mean gradient dominating), the layer is recomputed exactly

@@ -97,6 +97,12 @@ def test_checkpointed_blocks_keep_the_fast_path():
         return _xent(block(p["w1"], p["b1"], z["x"]) @ p["w2"], z["y"])
 
     _check(loss, params, BATCH, warns=False)
+    program = str(
+        jax.make_jaxpr(lambda p, b: jaxgen.gradient_dispersion(loss, p, b, method="ghost"))(
+            params, BATCH
+        )
+    )
+    assert "remat" in program or "checkpoint[" in program  # still recomputed, not stored
 
 
 def test_custom_vjp_keeps_its_own_gradient():

@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 
 # Inlined calls. ``remat2`` (jax 0.10+), ``checkpoint`` and ``remat`` (older) are
-# ``jax.checkpoint``: inlined, the uses inside get their rules, but the block's
-# activations are kept for the backward pass instead of recomputed.
-CALLS = ("jit", "pjit", "closed_call", "core_call", "remat2", "remat", "checkpoint")
+# ``jax.checkpoint``: their uses get their rules, and the block is evaluated under
+# ``jax.checkpoint`` again (same policy), so its activations are still recomputed.
+REMATS = ("remat2", "remat", "checkpoint")
+CALLS = ("jit", "pjit", "closed_call", "core_call", *REMATS)
 VIEWS = (
     "convert_element_type",
     "reshape",
@@ -107,6 +109,8 @@ class Interpreter:
             inner = inlinable(eqn)
             if inner is not None:
                 jaxpr, consts = inner
+                if eqn.primitive.name in REMATS and self.probes is not None:
+                    return self._rematerialised(eqn, jaxpr, consts, entries)
                 return self._eval(jaxpr, [Value(c, CONST) for c in consts], entries)
         outs = bind(eqn, [e.value for e in entries])
         if meets:
@@ -115,6 +119,30 @@ class Interpreter:
             return self._parameter_only(eqn, entries, outs)
         kind = EXAMPLE if EXAMPLE in kinds else CONST
         return [Value(o, kind) for o in outs]
+
+    def _rematerialised(self, eqn, jaxpr, consts, entries) -> list[Value]:
+        """A ``jax.checkpoint`` block with probes: its uses and what they depend on come
+        from a plain evaluation (dead code afterwards), the values from the block
+        re-evaluated under ``jax.checkpoint`` with its probes in and captures out."""
+        discovery = Interpreter()
+        layout = discovery._eval(jaxpr, [Value(c, CONST) for c in consts], entries)
+        start = len(self.uses)
+        probes = self.probes[start : start + len(discovery.uses)]
+
+        def block(values, block_probes):
+            inner = Interpreter(block_probes)
+            args = [e._replace(value=v) for e, v in zip(entries, values, strict=True)]
+            outs = inner._eval(jaxpr, [Value(c, CONST) for c in consts], args)
+            return [o.value for o in outs], inner.captured
+
+        checkpointed = jax.checkpoint(
+            block, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")
+        )
+        values, captured = checkpointed([e.value for e in entries], probes)
+        self.uses += discovery.uses
+        self.derived |= discovery.derived
+        self.captured += captured
+        return [v._replace(value=x) for v, x in zip(layout, values, strict=True)]
 
     def _parameter_only(self, eqn, entries, outs) -> list[Value]:
         deps = frozenset().union(*(e.leaves for e in entries))
