@@ -128,9 +128,10 @@ def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -
 CANCELLATION_EPS = 1e5
 
 
-def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, exact) -> LeafStats:
-    """A leaf by its ghost rule; ``exact()`` gives its statistics from per-example
-    gradients when the ghost difference would lose digits (``CANCELLATION_EPS``)."""
+def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks) -> LeafStats:
+    """A leaf by its ghost rule. When the ghost difference would lose digits
+    (``CANCELLATION_EPS``), its statistics are recomputed exactly: by the rule's own
+    ``centred_m2`` where it has one, else by ``in_chunks()`` from per-example gradients."""
     (x,) = backward.captured[u]
     (delta,) = backward.deltas[u]
     if use.rule.grads is not None:  # centred on their own mean: the operand's layout
@@ -142,6 +143,7 @@ def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, exact) ->
     m2 = total - norms.shape[0] * jnp.sum(jnp.square(mean.astype(dtype)))
     ghost = LeafStats(norms, jnp.maximum(m2, 0.0))
     cancels = m2 < CANCELLATION_EPS * jnp.finfo(dtype).eps * total
+    exact = in_chunks
     if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
 
         def exact():
@@ -187,8 +189,8 @@ def ghost_dispersion(
     stats = {}
     for leaf, u in plan.fast.items():
         mean = backward.mean_grad[leaf]
-        exact = functools.partial(centred_in_chunks, *program, leaf, mean)
-        stats[leaf] = _fast_leaf(plan.uses[u], backward, u, mean, exact)
+        in_chunks = functools.partial(centred_in_chunks, *program, leaf, mean)
+        stats[leaf] = _fast_leaf(plan.uses[u], backward, u, mean, in_chunks)
     if plan.materialised:
         grads = materialise(*program, plan.materialised)
         stats |= {leaf: centred(g, backward.mean_grad[leaf]) for leaf, g in grads.items()}
