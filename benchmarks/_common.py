@@ -275,6 +275,32 @@ def transformer(key: jax.Array, vocab=1000, width=128, length=32, classes=10):
     return params, loss_fn, make_batch
 
 
+def torch_device() -> str:
+    """Where the PyTorch peers run: ``"cuda"`` when JAX runs on a GPU and PyTorch sees
+    one (both frameworks on the same chip), else ``"cpu"`` with 2 threads."""
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(2)
+    return "cpu"
+
+
+def torch_timed(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by ``torch.cuda.synchronize()`` on a GPU, so that a timed call
+    covers the kernels it queued (``jax.block_until_ready`` cannot see them)."""
+    if device != "cuda":
+        return fn
+    import torch
+
+    def synchronized():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return synchronized
+
+
 def torch_model(name: str):
     """The PyTorch twin of ``mlp`` or ``cnn`` (same layers) and its input shape, or
     ``(None, None)`` for models without one."""

@@ -33,7 +33,9 @@ from _common import (
     save,
     scanned_stack,
     strided_cnn,
+    torch_device,
     torch_model,
+    torch_timed,
     transformer,
 )
 
@@ -78,8 +80,10 @@ def _torch_rows(name, size, repeats):
         return []
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    x, y = torch.randn(size, *shape), torch.randint(0, 10, (size,))
+    device = torch_device()
+    model = model.to(device)
+    x = torch.randn(size, *shape, device=device)
+    y = torch.randint(0, 10, (size,), device=device)
     plain_model = copy.deepcopy(model)  # BackPACK's hooks do not compose with torch.func
     model, loss_fn = extend(model), extend(torch.nn.CrossEntropyLoss())
 
@@ -108,8 +112,8 @@ def _torch_rows(name, size, repeats):
 
     rows = [("PyTorch plain backward", plain), ("BackPACK Variance+BatchL2Grad", with_backpack)]
     rows.append(("torch.func vmap(grad)", with_func))
-    medians = interleaved_medians({label: (fn, ()) for label, fn in rows}, repeats=repeats)
-    return list(medians.items())
+    calls = {label: (torch_timed(fn, device), ()) for label, fn in rows}
+    return list(interleaved_medians(calls, repeats=repeats).items())
 
 
 def main() -> None:

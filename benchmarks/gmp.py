@@ -17,7 +17,17 @@ import argparse
 
 import jax
 import optax
-from _common import cnn, interleaved_medians, machine, mean_loss, mlp, save, torch_model
+from _common import (
+    cnn,
+    interleaved_medians,
+    machine,
+    mean_loss,
+    mlp,
+    save,
+    torch_device,
+    torch_model,
+    torch_timed,
+)
 
 import jaxgen
 from jaxgen._random import gaussian_like
@@ -56,10 +66,11 @@ def _torch_rows(name, size, repeats):
         print("(PyTorch not installed: pip install -e .[peers] to time the authors' GMP)")
         return []
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    device = torch_device()
     model, shape = torch_model(name)
-    x = torch.randn(size, *shape)
-    y = torch.randint(0, 10, (size,))
+    model = model.to(device)
+    x = torch.randn(size, *shape, device=device)
+    y = torch.randint(0, 10, (size,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -85,7 +96,10 @@ def _torch_rows(name, size, repeats):
                     p.sub_(n)
         optimizer.step()
 
-    calls = {"PyTorch ERM step": (erm, ()), "PyTorch GMP k=3 (authors' way)": (authors_gmp, ())}
+    calls = {
+        f"PyTorch ERM step ({device})": (torch_timed(erm, device), ()),
+        f"PyTorch GMP k=3, authors' way ({device})": (torch_timed(authors_gmp, device), ()),
+    }
     return list(interleaved_medians(calls, repeats=repeats).items())
 
 

@@ -28,7 +28,9 @@ from _common import (
     mean_loss,
     mlp,
     save,
+    torch_device,
     torch_model,
+    torch_timed,
     transformer,
 )
 
@@ -94,8 +96,10 @@ def _torch_rows(name: str, batch_size: int, probes: int, repeats: int):
     if model is None:
         return []
     torch.manual_seed(0)
-    x = torch.randn(batch_size, *shape)
-    y = torch.randint(0, 10, (batch_size,))
+    device = torch_device()
+    model = model.to(device)
+    x = torch.randn(batch_size, *shape, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def plain():
@@ -113,8 +117,8 @@ def _torch_rows(name: str, batch_size: int, probes: int, repeats: int):
         return total
 
     calls = {
-        "torch plain backward": (plain, ()),
-        "torch PyHessian (double backward)": (pyhessian, ()),
+        "torch plain backward": (torch_timed(plain, device), ()),
+        "torch PyHessian (double backward)": (torch_timed(pyhessian, device), ()),
     }
     medians = interleaved_medians(calls, repeats=repeats, block_time=0.0)
     return [(label, seconds) for label, seconds in medians.items()]

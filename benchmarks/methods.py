@@ -1,6 +1,6 @@
 """Time per training step of every method, relative to ERM, on VGG16 and PreActResNet18.
 
-    python benchmarks/methods.py [--quick] [--width W] [--batch B]
+    python benchmarks/methods.py [--quick] [--width W] [--batch B] [--models vgg16,...]
 
 Each step is the one ``jaxgen train`` runs (``experiments.step.make_train_step``: batch
 statistics, SGD with Nesterov momentum and weight decay, the method's hooks), jitted
@@ -20,6 +20,7 @@ from _common import interleaved_medians, machine, save
 from jaxgen.experiments import methods, models, task
 from jaxgen.experiments.step import TrainState, make_train_step
 
+MODELS = "vgg16,preactresnet18"
 METHODS = [
     ("erm", {}),
     ("dropout", {}),
@@ -59,25 +60,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--width", type=int, default=64, help="base channels (paper: 64)")
     parser.add_argument("--batch", type=int, default=50, help="batch size (paper: 50)")
+    parser.add_argument("--models", default=MODELS, help="comma-separated")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     header = f"{'model':<16}{'method':<18}{'ms/step':>10}{'× ERM':>8}{'images/s':>10}"
     print(header)
     print("-" * len(header))
     rows = []
-    for model_name in ("vgg16", "preactresnet18"):
+    for model_name in args.models.split(","):
         calls = {}
         for name, fields in METHODS:
             label = name + "".join(f" {k}={v}" for k, v in fields.items())
             calls[label] = _step(model_name, name, fields, args.width, args.batch)
-        medians = interleaved_medians(calls, repeats=2 if args.quick else 3, block_time=0.0)
+        # A CPU step takes seconds: one call per block; a GPU step milliseconds.
+        block_time = 0.0 if jax.default_backend() == "cpu" else 0.2
+        medians = interleaved_medians(calls, repeats=2 if args.quick else 3, block_time=block_time)
         for label, seconds in medians.items():
             ratio = seconds / medians["erm"]
             rows.append({"model": model_name, "method": label, "ms": 1e3 * seconds,
                          "ratio": ratio, "images_per_second": args.batch / seconds})  # fmt: skip
             print(f"{model_name:<16}{label:<18}{1e3 * seconds:>10.1f}{ratio:>8.2f}"
                   f"{args.batch / seconds:>10.0f}")  # fmt: skip
-    print(f"wrote {save('methods', rows)}")
+    suffix = "" if args.models == MODELS else "-" + args.models.replace(",", "-")
+    print(f"wrote {save('methods' + suffix, rows)}")
 
 
 if __name__ == "__main__":
