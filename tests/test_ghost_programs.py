@@ -73,7 +73,8 @@ def test_scan_over_stacked_layers_with_a_mask_built_inside_the_loss():
         h, _ = jax.lax.scan(layer, z["x"], p["w"])
         return _xent(h @ p["out"], z["y"])
 
-    _check(loss, params, BATCH, warns=True)
+    _check(loss, params, BATCH, warns=False)  # the scan is opened: a dense rule per layer
+    assert _rules_used(loss, params, BATCH) == {"dense"}
 
 
 def test_fori_loop_with_a_literal_counter():
@@ -338,7 +339,8 @@ def _rules_used(loss, params, batch):
 
 
 def test_auto_takes_the_vmap_path_when_the_exact_path_would_loop_per_example(monkeypatch):
-    """A scanned stack: the exact path would differentiate the whole scan per example."""
+    """A recurrent cell closed over by a scan (the same weight in every step): the scan
+    stays closed and its exact path would differentiate the whole loop per example."""
     from jaxgen import _per_example
 
     calls = []
@@ -348,12 +350,121 @@ def test_auto_takes_the_vmap_path_when_the_exact_path_would_loop_per_example(mon
         calls.append(True)
         return original(*args)
 
-    params = {"stack": _normal(40, 3, D, D) / 2, "out": _normal(41, D, H)}
+    params = {"cell": _normal(40, D, D) / 2, "out": _normal(41, D, H)}
 
     def loss(p, z):
-        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), z["x"], p["stack"])
+        h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ p["cell"]), None), z["x"], length=3)
         return _xent(h @ p["out"], z["y"])
 
     monkeypatch.setattr(_per_example, "_dispersion_vmap", spy)
     _check(loss, params, BATCH, warns=True)  # "ghost" still follows the program, warning
     assert calls  # "auto" took the vmap path
+
+
+def _stacked_block(h, layer):
+    """A residual pre-norm block with a gain, a bias and two dense layers."""
+    normed = h * jax.lax.rsqrt(jnp.mean(h**2, -1, keepdims=True) + 1e-6) * layer["scale"]
+    return h + jnp.tanh(normed @ layer["up"] + layer["b"]) @ layer["down"]
+
+
+def _stack(key, layers):
+    return {
+        "scale": 1 + _normal(key, layers, D) / 4,
+        "up": _normal(key + 1, layers, D, 2 * D) / 3,
+        "b": _normal(key + 2, layers, 2 * D) / 4,
+        "down": _normal(key + 3, layers, 2 * D, D) / 3,
+    }
+
+
+SEQUENCE = {"x": _normal(50, B, 3, D), "y": BATCH["y"]}  # 3 tokens per example
+
+
+def _scanned(body, **scan_kwargs):
+    def loss(p, z):
+        h, _ = jax.lax.scan(lambda h, layer: (body(h, layer), None), z["x"], p["stack"],
+                            **scan_kwargs)  # fmt: skip
+        return _xent(h.mean(0) @ p["out"], z["y"])
+
+    return loss
+
+
+OPENED_SCANS = {
+    "stacked blocks": _scanned(_stacked_block),
+    "reversed and unrolled": _scanned(_stacked_block, reverse=True, unroll=2),
+    "a scan in a scan": _scanned(lambda h, group: jax.lax.scan(
+        lambda h, layer: (_stacked_block(h, layer), None), h, group)[0]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OPENED_SCANS)
+def test_scans_over_stacked_layers_get_ghost_norms_per_layer(name):
+    stack = _stack(51, 4)
+    if name == "a scan in a scan":  # 2 groups of 2 layers
+        stack = jax.tree_util.tree_map(lambda a: a.reshape(2, 2, *a.shape[1:]), stack)
+    params = {"stack": stack, "out": _normal(55, D, H)}
+    loss = OPENED_SCANS[name]
+    _check(loss, params, SEQUENCE, warns=False)
+    assert _rules_used(loss, params, SEQUENCE) == {"dense", "bias", "gain"}
+
+
+def test_a_counter_carry_and_a_zero_state_that_becomes_example_data():
+    """The carries start as constants; the state mixes with the example in the body."""
+    params = {"w": _normal(56, 3, D, D) / 2, "out": _normal(57, D, H)}
+
+    def loss(p, z):
+        def step(carry, xs):
+            count, state = carry
+            w, x = xs
+            return (count + 1.0, jnp.tanh(state + x @ w) * count), None
+
+        (_, state), _ = jax.lax.scan(step, (1.0, jnp.zeros(D)), (p["w"], z["x"]))
+        return _xent(state @ p["out"], z["y"])
+
+    _check(loss, params, {"x": _normal(58, B, 3, D), "y": BATCH["y"]}, warns=False)
+
+
+def test_a_stacked_leaf_also_used_outside_its_scan_keeps_the_exact_path():
+    params = {"w": _normal(59, 3, D, D) / 2, "out": _normal(60, D, H)}
+
+    def loss(p, z):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), z["x"], p["w"])
+        return _xent(h @ p["out"] + jnp.sum(z["x"] @ p["w"][0]), z["y"])
+
+    _check(loss, params, BATCH, warns=True)
+
+
+def test_flax_nn_scan_stack():
+    class Block(linen.Module):
+        @linen.compact
+        def __call__(self, h, _):
+            return h + linen.Dense(D)(jnp.tanh(linen.LayerNorm()(h))), None
+
+    class Stack(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            scan = linen.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              length=3)  # fmt: skip
+            h, _ = scan()(x, None)
+            return linen.Dense(H)(h.mean(0))
+
+    model = Stack()
+    variables = model.init(jax.random.key(61), SEQUENCE["x"][0])
+    loss = lambda v, z: _xent(model.apply(v, z["x"]), z["y"])  # noqa: E731
+    _check(loss, variables, SEQUENCE, warns=False)
+    assert _rules_used(loss, variables, SEQUENCE) == {"dense", "bias", "gain"}
+
+
+def test_scanned_layers_are_exact_when_the_mean_gradient_dominates():
+    """Stacked g_i = x_i δ per layer with x_i = c + ε_i: ‖ḡ‖² / dispersion ~ 1e8."""
+    c, spread = 1e3, 0.1
+    params = {"w": jnp.ones((2, D, 1))}
+
+    def loss(p, z):
+        out, _ = jax.lax.scan(lambda s, w: (s + (z["x"] @ w)[0], None), 0.0, p["w"])
+        return out
+
+    batch = {"x": c + spread * _normal(62, B, D)}
+    sq_norms, dispersion = _oracle(loss, params, batch)
+    stats = jaxgen.gradient_dispersion(loss, params, batch)
+    np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
+    np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)

@@ -18,11 +18,15 @@ hand-written models need no changes (kfac-jax locates layers the same way). A bi
 (a parameter added to example data) has ``g_i = δ_i`` summed over broadcast axes, read
 straight from the probe; a convolution kernel has ``g_i[k] = Σ_p x_i[p·s + k·d] δ_i[p]ᵀ``,
 one batched contraction per kernel offset over strided slices of the padded input.
-Elementwise gains get exact per-example gradients for that parameter alone, from the
-vector-Jacobian product of the operation that uses it (small for those parameters), as
-do parameters no rule covers (used in several places, transformed before use, inside a
-``scan``, anything else), which ``method="ghost"`` names in a warning. ``RULES`` lists
-the rules in the order they are tried.
+an elementwise gain (a LayerNorm scale) has ``g_i = x_i ⊙ δ_i`` summed over broadcast
+axes. Other elementwise and convolution operands get exact per-example gradients for
+that parameter alone, from the vector-Jacobian product of the operation that uses it
+(small for those parameters), as do parameters no rule covers (used in several places,
+transformed before use, closed over by a ``scan`` body, anything else), which
+``method="ghost"`` names in a warning. ``RULES`` lists the rules in the order they are
+tried. A ``scan`` over stacked parameters is opened (``interpreter``): a slice used in
+the body by a rule gets its statistics per iteration, and the stacked leaf's are their
+sums, ``‖g_i‖² = Σ_l ‖g_{i,l}‖²`` (``Use.loops``).
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are at hand is centred exactly instead, and so is a ghost leaf
@@ -34,6 +38,7 @@ equation's VJP unchanged.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -100,7 +105,7 @@ def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -
     size = example_leaves[0].shape[0]
 
     def per_example(leaves, example_leaves, probes):
-        interpreter = Interpreter(probes)
+        interpreter = Interpreter(probes, plan.closed)
         outs = interpreter.run(traced.jaxpr, traced.consts, leaves, example_leaves)
         return outs[0].value, interpreter.captured
 
@@ -111,7 +116,10 @@ def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -
         return jnp.sum(losses), (losses, captured)
 
     probes = [
-        [None if a is None else jnp.zeros((size, *a.shape), a.dtype) for a in use.probe_avals]
+        [
+            None if a is None else jnp.zeros((size, *use.loops, *a.shape), a.dtype)
+            for a in use.probe_avals
+        ]
         for use in plan.uses
     ]
     (grad_sum, deltas), (losses, captured) = jax.grad(summed, argnums=(0, 1), has_aux=True)(
@@ -134,10 +142,17 @@ def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
     ``centred_m2`` where it has one, else by ``in_chunks()`` from per-example gradients."""
     (x,) = backward.captured[u]
     (delta,) = backward.deltas[u]
+    if use.loops:  # an opened scan: one row per example and iteration
+        size, iterations = x.shape[0], math.prod(use.loops)
+        x = x.reshape(size * iterations, *x.shape[1 + len(use.loops) :])
+        delta = delta.reshape(size * iterations, *delta.shape[1 + len(use.loops) :])
     if use.rule.grads is not None:  # centred on their own mean: the operand's layout
         grads = use.rule.grads(use, x, delta)
+        grads = grads.reshape(size, -1) if use.loops else grads
         return centred(grads, pairwise_sum(grads) / grads.shape[0])
     norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(x, delta)
+    if use.loops:  # the slices partition the leaf: their squared norms add up
+        norms = jnp.sum(norms.reshape(size, iterations), axis=1)
     dtype = norms.dtype
     total = jnp.sum(norms)
     m2 = total - norms.shape[0] * jnp.sum(jnp.square(mean.astype(dtype)))
@@ -147,6 +162,11 @@ def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
     if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
 
         def exact():
+            if use.loops:  # iteration by iteration: each slice centred on its own mean
+                per_iteration = (jnp.swapaxes(a.reshape(size, iterations, *a.shape[1:]), 0, 1)
+                                 for a in (x, delta))  # fmt: skip
+                m2 = jax.lax.map(lambda xd: use.rule.centred_m2(use, *xd), tuple(per_iteration))
+                return LeafStats(norms, jnp.sum(m2).astype(dtype))
             return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(dtype))
 
     return jax.lax.cond(cancels, exact, lambda: ghost)

@@ -5,6 +5,14 @@ depends on (``Value``): parameters only, the example, or neither. An equation th
 both is a *use* (``Use``): the places where ghost norms read an example operand ``x`` and,
 through a zero probe added to the output, the output gradient ``δ``. Plain calls
 (``jit`` and the like) are inlined so that the uses inside them are seen.
+
+A ``scan`` whose parameter operands are all scanned inputs (stacked weights, one slice
+per iteration: ``lax.scan`` over layers, flax ``nn.scan``, equinox stacks) is *opened*:
+its body is interpreted inside a ``lax.scan`` again, with each use's probes as scanned
+inputs and its example operands as scanned outputs, so a use in the body is seen once
+per iteration (``Use.loops``) and a stacked leaf's per-example gradient is the stack of
+its slices' gradients. The planner closes (treats as one opaque use) any scan whose
+uses would not all get a ghost rule.
 """
 
 from __future__ import annotations
@@ -59,6 +67,13 @@ class Use:
     view_leaf: int | None  # the leaf, when the only parameter operand is a pure view of it
     probe_avals: tuple[Any, ...]  # one per output; None for non-float outputs
     rule: Any = None  # the rules.Rule that handles it, set when planning
+    scans: tuple[Any, ...] = ()  # the opened scan equations around it, outermost first
+
+    @property
+    def loops(self) -> tuple[int, ...]:
+        """Trip counts of the opened scans around the use: its captured operands, output
+        gradients and probes carry these leading axes (after the batch axis)."""
+        return tuple(scan.params["length"] for scan in self.scans)
 
     @property
     def single_view(self) -> bool:
@@ -73,11 +88,16 @@ class Interpreter:
     example operands of every use in ``captured``.
     """
 
-    def __init__(self, probes=None):
+    def __init__(self, probes=None, closed: frozenset[int] = frozenset()):
         self.probes = probes
+        self.closed = closed  # ids of the scan equations not to open
         self.uses: list[Use] = []
         self.derived: set[int] = set()
         self.captured: list[list[Any]] = []
+
+    def _fresh(self) -> Interpreter:
+        """An interpreter of the same kind without probes, for a body's layout."""
+        return type(self)(closed=self.closed)
 
     def run(self, jaxpr, consts, leaves, example_leaves):
         """Evaluate; ``example_leaves=None`` marks the example inputs without values."""
@@ -106,6 +126,8 @@ class Interpreter:
         kinds = {e.kind for e in entries}
         meets = EXAMPLE in kinds and PARAM in kinds
         if meets:
+            if self.openable(eqn, entries):
+                return self._scan(eqn, entries)
             inner = inlinable(eqn)
             if inner is not None:
                 jaxpr, consts = inner
@@ -124,13 +146,13 @@ class Interpreter:
         """A ``jax.checkpoint`` block with probes: its uses and what they depend on come
         from a plain evaluation (dead code afterwards), the values from the block
         re-evaluated under ``jax.checkpoint`` with its probes in and captures out."""
-        discovery = Interpreter()
+        discovery = self._fresh()
         layout = discovery._eval(jaxpr, [Value(c, CONST) for c in consts], entries)
         start = len(self.uses)
         probes = self.probes[start : start + len(discovery.uses)]
 
         def block(values, block_probes):
-            inner = Interpreter(block_probes)
+            inner = Interpreter(block_probes, self.closed)
             args = [e._replace(value=v) for e, v in zip(entries, values, strict=True)]
             outs = inner._eval(jaxpr, [Value(c, CONST) for c in consts], args)
             return [o.value for o in outs], inner.captured
@@ -144,6 +166,99 @@ class Interpreter:
         self.captured += captured
         return [v._replace(value=x) for v, x in zip(layout, values, strict=True)]
 
+    def openable(self, eqn, entries: list[Value]) -> bool:
+        """A ``scan`` to open: parameters enter only as scanned inputs, each a pure
+        (bijective) view of one leaf, so its slices partition the leaf."""
+        if eqn.primitive.name != "scan" or id(eqn) in self.closed:
+            return False
+        fixed = entries[: eqn.params["num_consts"] + eqn.params["num_carry"]]
+        scanned = entries[len(fixed) :]
+        return all(e.kind != PARAM for e in fixed) and all(
+            isinstance(e.view, int) for e in scanned if e.kind == PARAM
+        )
+
+    def _body_args(self, eqn, entries, carry_kinds, carry_values, xs_values) -> list[Value]:
+        """The body's arguments: the scan's constants, the carries with their (joined)
+        kinds, and one iteration's slices, a parameter slice still a view of its leaf."""
+        num_fixed = eqn.params["num_consts"] + eqn.params["num_carry"]
+        consts = entries[: eqn.params["num_consts"]]
+        carries = [Value(v, k) for v, k in zip(carry_values, carry_kinds, strict=True)]
+        xs = [e._replace(value=v) for e, v in zip(entries[num_fixed:], xs_values, strict=True)]
+        return [*consts, *carries, *xs]
+
+    def _scan_layout(self, eqn, entries):
+        """``(carry kinds, discovery interpreter, output Values)`` of one iteration, the
+        carries' kinds joined until they are stable (a constant carry that the body
+        mixes with the example is example data from then on), or ``None`` where a
+        parameter would be carried."""
+        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        body = eqn.params["jaxpr"]
+        carry_entries = entries[num_consts : num_consts + num_carry]
+        kinds = [e.kind for e in carry_entries]
+        carry_values = [e.value for e in carry_entries]
+        xs_values = [
+            None if e.value is None else jax.lax.index_in_dim(e.value, 0, keepdims=False)
+            for e in entries[num_consts + num_carry :]
+        ]
+        while True:
+            discovery = self._fresh()
+            args = self._body_args(eqn, entries, kinds, carry_values, xs_values)
+            outs = discovery._eval(body.jaxpr, [Value(c, CONST) for c in body.consts], args)
+            joined = [
+                EXAMPLE if EXAMPLE in (k, o.kind) else o.kind
+                for k, o in zip(kinds, outs[:num_carry], strict=True)
+            ]
+            if PARAM in joined:
+                return None
+            if joined == kinds:
+                return kinds, discovery, outs
+            kinds = joined
+
+    def _scan(self, eqn, entries) -> list[Value]:
+        """An opened ``scan``; see the module docstring."""
+        layout = self._scan_layout(eqn, entries)
+        if layout is None:  # a parameter-derived carry: not opened
+            self.closed = self.closed | {id(eqn)}
+            return self._apply(eqn, entries)
+        kinds, discovery, outs = layout
+        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        body = eqn.params["jaxpr"]
+        start = len(self.uses)
+        probes = None if self.probes is None else self.probes[start : start + len(discovery.uses)]
+        if probes is None:
+            values = bind(eqn, [e.value for e in entries])
+            captured = discovery.captured
+        else:
+
+            def step(carry_values, scanned):
+                xs_values, iteration_probes = scanned
+                inner = Interpreter(iteration_probes, self.closed)
+                args = self._body_args(eqn, entries, kinds, carry_values, xs_values)
+                results = inner._eval(body.jaxpr, [Value(c, CONST) for c in body.consts], args)
+                values = [r.value for r in results]
+                return values[:num_carry], (values[num_carry:], inner.captured)
+
+            init = [e.value for e in entries[num_consts : num_consts + num_carry]]
+            xs = [e.value for e in entries[num_consts + num_carry :]]
+            carry, (ys, captured) = jax.lax.scan(
+                step,
+                init,
+                (xs, probes),
+                length=eqn.params["length"],
+                reverse=eqn.params["reverse"],
+                unroll=eqn.params["unroll"],
+            )
+            values = [*carry, *ys]
+        self.uses += [dataclasses.replace(u, scans=(eqn, *u.scans)) for u in discovery.uses]
+        self.captured += captured
+        self.derived |= discovery.derived
+        results = []
+        for value, out in zip(values, outs, strict=True):
+            if out.kind == PARAM:  # a parameter value leaving the loop: not a plain view
+                self.derived |= out.leaves
+            results.append(Value(value, out.kind, out.leaves))
+        return results
+
     def _parameter_only(self, eqn, entries, outs) -> list[Value]:
         deps = frozenset().union(*(e.leaves for e in entries))
         params = [e for e in entries if e.kind == PARAM]
@@ -153,7 +268,9 @@ class Interpreter:
             if eqn.primitive.name in VIEWS:
                 view = origin
             elif eqn.primitive.name == "broadcast_in_dim" and origin is not None:
-                view = ("broadcast", origin if isinstance(origin, int) else origin[1])
+                leaf = origin if isinstance(origin, int) else origin[1]
+                adds_unit_axes = outs[0].size == entries[0].value.size  # (d,) -> (1, d)
+                view = leaf if adds_unit_axes and isinstance(origin, int) else ("broadcast", leaf)
         if view is None:
             self.derived |= deps
         return [Value(o, PARAM, deps, view) for o in outs]
@@ -206,15 +323,16 @@ class ParamOnly(Interpreter):
     (``operands``) and its constant operands by position (``constants``: literals, closed
     over arrays, values computed from neither parameters nor the example)."""
 
-    def __init__(self):
-        super().__init__()
-        self.operands: list[list[Any]] = []
-        self.constants: list[dict[int, Any]] = []
+    def __init__(self, closed: frozenset[int] = frozenset()):
+        super().__init__(closed=closed)
+        self.operands: list[list[Any] | None] = []
+        self.constants: list[dict[int, Any] | None] = []
 
     def _apply(self, eqn, entries):
         kinds = {e.kind for e in entries}
-        if EXAMPLE in kinds and PARAM in kinds and inlinable(eqn) is not None:
-            return super()._apply(eqn, entries)
+        if EXAMPLE in kinds and PARAM in kinds:
+            if inlinable(eqn) is not None or self.openable(eqn, entries):
+                return super()._apply(eqn, entries)
         if EXAMPLE in kinds:
             if PARAM in kinds:
                 self.operands.append([e.value for e in entries if e.kind == PARAM])
@@ -223,3 +341,37 @@ class ParamOnly(Interpreter):
                 )
             return [Value(None, EXAMPLE) for _ in eqn.outvars]
         return super()._apply(eqn, entries)
+
+    def _scan(self, eqn, entries) -> list[Value]:
+        """The parameter-derived part of an opened ``scan``, as a loop over its
+        non-example values. The uses inside get no operands (``None``): their leaves
+        have ghost rules, so no pullback reads them."""
+        layout = self._scan_layout(eqn, entries)
+        if layout is None:
+            self.closed = self.closed | {id(eqn)}
+            return self._apply(eqn, entries)
+        kinds, discovery, outs = layout
+        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        body = eqn.params["jaxpr"]
+        kept = [k != EXAMPLE for k in kinds]
+
+        def step(kept_values, xs_values):
+            values = iter(kept_values)
+            carry_values = [next(values) if keep else None for keep in kept]
+            inner = ParamOnly(self.closed)
+            args = self._body_args(eqn, entries, kinds, carry_values, xs_values)
+            results = inner._eval(body.jaxpr, [Value(c, CONST) for c in body.consts], args)
+            carry = [r.value for r, keep in zip(results[:num_carry], kept, strict=True) if keep]
+            return carry, [None if r.kind == EXAMPLE else r.value for r in results[num_carry:]]
+
+        carries = entries[num_consts : num_consts + num_carry]
+        init = [e.value for e, keep in zip(carries, kept, strict=True) if keep]
+        xs = [None if e.kind == EXAMPLE else e.value for e in entries[num_consts + num_carry :]]
+        carry, ys = jax.lax.scan(
+            step, init, xs, length=eqn.params["length"], reverse=eqn.params["reverse"]
+        )
+        carry = iter(carry)
+        values = [next(carry) if keep else None for keep in kept] + list(ys)
+        self.operands += [None] * len(discovery.operands)
+        self.constants += [None] * len(discovery.constants)
+        return [Value(v, o.kind, o.leaves) for v, o in zip(values, outs, strict=True)]

@@ -68,7 +68,7 @@ def _pullback(plan: Plan, jaxpr, consts, leaves: list, targets: list[int]):
         full = list(leaves)
         for i, leaf in zip(targets, target_leaves, strict=True):
             full[i] = leaf
-        interpreter = ParamOnly()
+        interpreter = ParamOnly(plan.closed)
         interpreter.run(jaxpr, consts, full, None)
         operands = [interpreter.operands[u] for u in relevant]
         return operands, [interpreter.constants[u] for u in relevant]

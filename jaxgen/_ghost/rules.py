@@ -184,6 +184,31 @@ def bias_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     return -grads if negative else grads
 
 
+def is_gain(use: Use) -> bool:
+    """A leaf multiplying example data elementwise (a LayerNorm or RMSNorm scale); each
+    operand's axes match the output's or are of size 1 there (broadcast)."""
+    if not use.single_view or use.eqn.primitive.name != "mul":
+        return False
+    out = use.eqn.outvars[0].aval.shape
+    return all(
+        len(operand.shape) == len(out)
+        and all(d in (1, o) for d, o in zip(operand.shape, out, strict=True))
+        for operand in (v.aval for v in use.eqn.invars)
+    )
+
+
+def gain_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
+    """``g_i = x_i ⊙ δ_i`` (``x_i`` broadcast) summed over the axes the gain was
+    broadcast along."""
+    operand = use.eqn.invars[use.param_positions[0]].aval.shape
+    axes = tuple(
+        i + 1 for i, (p, o) in enumerate(zip(operand, delta.shape[1:], strict=True)) if p < o
+    )
+    dtype = accumulator(x, delta)
+    products = x.astype(dtype) * delta.astype(dtype)
+    return jnp.sum(products, axis=axes) if axes else products
+
+
 def is_conv_kernel(use: Use) -> bool:
     """A leaf as the kernel of a convolution of example data (any layout, stride,
     padding, dilation, transposed convolutions and feature groups; not batch groups)."""
@@ -255,6 +280,7 @@ RULES: dict[str, Rule] = {
     "dense": Rule(is_dense, sq_norms=dense_sq_norm, centred_m2=dense_centred_m2),
     "embedding": Rule(is_embedding, sq_norms=embedding_sq_norm),
     "bias": Rule(is_bias, grads=bias_grads),
+    "gain": Rule(is_gain, grads=gain_grads),
     "conv": Rule(is_conv_kernel, grads=conv_kernel_grads),
     # Gains and other convolution operands: exact per-example gradients of that leaf alone.
     "materialised": Rule(lambda use: use.eqn.primitive.name in QUIETLY_MATERIALISED),
@@ -268,11 +294,38 @@ class Plan:
     fast: dict[int, int]  # leaf -> the id of its one use, handled by a fast rule
     materialised: list[int]  # leaves whose per-example gradients are materialised
     unsupported: set[int]  # the materialised leaves that no rule covers (warned about)
+    closed: frozenset[int] = frozenset()  # ids of the scans treated as one opaque use
 
 
 def make_plan(jaxpr, consts, leaves, example_leaves) -> Plan:
-    """Run the program once (abstractly), give each use its rule and each leaf its path."""
-    interpreter = Interpreter()
+    """Run the program once (abstractly), give each use its rule and each leaf its path.
+
+    Opened scans whose uses are not all covered by a scan-safe ghost rule are closed
+    and the program planned again (at most once per scan)."""
+    closed: frozenset[int] = frozenset()
+    while True:
+        plan = _plan(jaxpr, consts, leaves, example_leaves, closed)
+        uncovered = {
+            id(use.scans[0]) for use in plan.uses if use.scans and not _covered_in_scan(use, plan)
+        }
+        if not uncovered:
+            return plan
+        closed = plan.closed | uncovered
+
+
+def _covered_in_scan(use: Use, plan: Plan) -> bool:
+    """A use in an opened scan is covered when its leaf is a fast leaf (used there once)
+    whose rule needs no pullback: per-example ``grads``, or ``sq_norms`` with an exact
+    ``centred_m2``; the statistics of the iterations' slices then add up."""
+    if len(use.leaves) != 1:
+        return False
+    (leaf,) = use.leaves
+    fast = leaf in plan.fast and plan.uses[plan.fast[leaf]] is use
+    return fast and (use.rule.grads is not None or use.rule.centred_m2 is not None)
+
+
+def _plan(jaxpr, consts, leaves, example_leaves, closed: frozenset[int]) -> Plan:
+    interpreter = Interpreter(closed=closed)
     outs = interpreter.run(jaxpr, consts, leaves, example_leaves)
     if outs[0].kind != EXAMPLE:
         raise ValueError("loss_fn(params, example) must depend on both params and example")
@@ -283,7 +336,7 @@ def make_plan(jaxpr, consts, leaves, example_leaves) -> Plan:
     for u, use in enumerate(uses):
         for leaf in use.leaves:
             uses_of.setdefault(leaf, []).append(u)
-    plan = Plan(uses, {}, [], set())
+    plan = Plan(uses, {}, [], set(), interpreter.closed)
     for leaf, ids in sorted(uses_of.items()):
         shared = len(ids) > 1 or leaf in derived
         if not shared and uses[ids[0]].rule.fast:
