@@ -275,6 +275,48 @@ def transformer(key: jax.Array, vocab=1000, width=128, length=32, classes=10):
     return params, loss_fn, make_batch
 
 
+def scanned_transformer(key: jax.Array, layers=4, vocab=1000, width=128, length=32, classes=10):
+    """``layers`` pre-LayerNorm transformer blocks (the block of ``transformer``, with
+    biases) written as one ``lax.scan`` over stacked weights, after an embedding."""
+    keys = jax.random.split(key, 7)
+
+    def dense(k, a, b):
+        return jax.random.normal(k, (layers, a, b)) / jnp.sqrt(a)
+
+    params = {
+        "embed": jax.random.normal(keys[0], (vocab, width)) * 0.02,
+        "head": jax.random.normal(keys[5], (width, classes)) / jnp.sqrt(width),
+        "blocks": {
+            "qkv": dense(keys[1], width, 3 * width),
+            "out": dense(keys[2], width, width),
+            "up": dense(keys[3], width, 4 * width),
+            "down": dense(keys[4], 4 * width, width),
+            "ln1": jnp.ones((layers, width)),
+            "ln2": jnp.ones((layers, width)),
+            "b_up": jnp.zeros((layers, 4 * width)),
+            "b_down": jnp.zeros((layers, width)),
+        },
+    }
+
+    def layer_norm(x, gain):
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-5) * gain
+
+    def block(h, p):
+        q, k, v = jnp.split(layer_norm(h, p["ln1"]) @ p["qkv"], 3, axis=-1)
+        attention = jax.nn.softmax(q @ k.T / jnp.sqrt(q.shape[-1]), axis=-1)
+        h = h + (attention @ v) @ p["out"]
+        up = jax.nn.gelu(layer_norm(h, p["ln2"]) @ p["up"] + p["b_up"])
+        return h + up @ p["down"] + p["b_down"], None
+
+    def loss_fn(params, example):
+        h, _ = jax.lax.scan(block, params["embed"][example["x"]], params["blocks"])
+        return cross_entropy(h.mean(0) @ params["head"], example["y"])
+
+    _, _, make_batch = transformer(key, vocab, width, length, classes)
+    return params, loss_fn, make_batch
+
+
 def torch_device() -> str:
     """Where the PyTorch peers run: ``"cuda"`` when JAX runs on a GPU and PyTorch sees
     one (both frameworks on the same chip), else ``"cpu"`` with 2 threads."""

@@ -32,6 +32,7 @@ from _common import (
     peak_bytes,
     save,
     scanned_stack,
+    scanned_transformer,
     strided_cnn,
     torch_device,
     torch_model,
@@ -49,6 +50,7 @@ MODELS = {
     "Strided+depthwise CNN": strided_cnn,
     "MLP under checkpoint": checkpointed_mlp,
     "Scanned stack 4x128": scanned_stack,
+    "Scanned transformer 4 blocks": scanned_transformer,
 }
 
 
