@@ -17,7 +17,7 @@ to a jaxpr and re-evaluated by a small interpreter, so Flax NNX, Equinox and
 hand-written models need no changes (kfac-jax locates layers the same way). A bias
 (a parameter added to example data) has ``g_i = δ_i`` summed over broadcast axes, read
 straight from the probe; a convolution kernel has ``g_i[k] = Σ_p x_i[p·s + k·d] δ_i[p]ᵀ``,
-one batched contraction per kernel offset over strided slices of the padded input.
+one batched contraction per kernel offset over strided slices of the padded input;
 an elementwise gain (a LayerNorm scale) has ``g_i = x_i ⊙ δ_i`` summed over broadcast
 axes. Other elementwise and convolution operands get exact per-example gradients for
 that parameter alone, from the vector-Jacobian product of the operation that uses it

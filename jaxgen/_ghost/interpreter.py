@@ -126,8 +126,9 @@ class Interpreter:
         kinds = {e.kind for e in entries}
         meets = EXAMPLE in kinds and PARAM in kinds
         if meets:
-            if self.openable(eqn, entries):
-                return self._scan(eqn, entries)
+            layout = self._opened(eqn, entries)
+            if layout is not None:
+                return self._scan(eqn, entries, layout)
             inner = inlinable(eqn)
             if inner is not None:
                 jaxpr, consts = inner
@@ -166,16 +167,19 @@ class Interpreter:
         self.captured += captured
         return [v._replace(value=x) for v, x in zip(layout, values, strict=True)]
 
-    def openable(self, eqn, entries: list[Value]) -> bool:
-        """A ``scan`` to open: parameters enter only as scanned inputs, each a pure
-        (bijective) view of one leaf, so its slices partition the leaf."""
+    def _opened(self, eqn, entries: list[Value]):
+        """The layout (``_scan_layout``) of a ``scan`` to open, else ``None``. Opened:
+        parameters enter only as scanned inputs, each a pure (bijective) view of one
+        leaf, so its slices partition the leaf, and no carry is parameter-derived."""
         if eqn.primitive.name != "scan" or id(eqn) in self.closed:
-            return False
+            return None
         fixed = entries[: eqn.params["num_consts"] + eqn.params["num_carry"]]
         scanned = entries[len(fixed) :]
-        return all(e.kind != PARAM for e in fixed) and all(
+        if any(e.kind == PARAM for e in fixed) or not all(
             isinstance(e.view, int) for e in scanned if e.kind == PARAM
-        )
+        ):
+            return None
+        return self._scan_layout(eqn, entries)
 
     def _body_args(self, eqn, entries, carry_kinds, carry_values, xs_values) -> list[Value]:
         """The body's arguments: the scan's constants, the carries with their (joined)
@@ -214,12 +218,8 @@ class Interpreter:
                 return kinds, discovery, outs
             kinds = joined
 
-    def _scan(self, eqn, entries) -> list[Value]:
+    def _scan(self, eqn, entries, layout) -> list[Value]:
         """An opened ``scan``; see the module docstring."""
-        layout = self._scan_layout(eqn, entries)
-        if layout is None:  # a parameter-derived carry: not opened
-            self.closed = self.closed | {id(eqn)}
-            return self._apply(eqn, entries)
         kinds, discovery, outs = layout
         num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
         body = eqn.params["jaxpr"]
@@ -331,8 +331,11 @@ class ParamOnly(Interpreter):
     def _apply(self, eqn, entries):
         kinds = {e.kind for e in entries}
         if EXAMPLE in kinds and PARAM in kinds:
-            if inlinable(eqn) is not None or self.openable(eqn, entries):
+            if inlinable(eqn) is not None:
                 return super()._apply(eqn, entries)
+            layout = self._opened(eqn, entries)
+            if layout is not None:
+                return self._scan(eqn, entries, layout)
         if EXAMPLE in kinds:
             if PARAM in kinds:
                 self.operands.append([e.value for e in entries if e.kind == PARAM])
@@ -342,14 +345,10 @@ class ParamOnly(Interpreter):
             return [Value(None, EXAMPLE) for _ in eqn.outvars]
         return super()._apply(eqn, entries)
 
-    def _scan(self, eqn, entries) -> list[Value]:
+    def _scan(self, eqn, entries, layout) -> list[Value]:
         """The parameter-derived part of an opened ``scan``, as a loop over its
         non-example values. The uses inside get no operands (``None``): their leaves
         have ghost rules, so no pullback reads them."""
-        layout = self._scan_layout(eqn, entries)
-        if layout is None:
-            self.closed = self.closed | {id(eqn)}
-            return self._apply(eqn, entries)
         kinds, discovery, outs = layout
         num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
         body = eqn.params["jaxpr"]

@@ -172,13 +172,19 @@ def is_bias(use: Use) -> bool:
     return operand.ndim == use.eqn.outvars[0].aval.ndim
 
 
+def broadcast_axes(use: Use, delta: jax.Array) -> tuple[int, ...]:
+    """The axes of the batched ``delta`` along which the leaf's operand was broadcast
+    (size 1 in the operand, larger in the output)."""
+    operand = use.eqn.invars[use.param_positions[0]].aval.shape
+    return tuple(
+        i + 1 for i, (p, o) in enumerate(zip(operand, delta.shape[1:], strict=True)) if p < o
+    )
+
+
 def bias_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     """``g_i = ±δ_i`` summed over the axes the bias was broadcast along."""
     del x
-    operand = use.eqn.invars[use.param_positions[0]].aval.shape
-    axes = tuple(
-        i + 1 for i, (p, o) in enumerate(zip(operand, delta.shape[1:], strict=True)) if p < o
-    )
+    axes = broadcast_axes(use, delta)
     grads = jnp.sum(delta, axis=axes) if axes else delta
     negative = use.eqn.primitive.name == "sub" and use.param_positions == (1,)
     return -grads if negative else grads
@@ -200,10 +206,7 @@ def is_gain(use: Use) -> bool:
 def gain_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     """``g_i = x_i ⊙ δ_i`` (``x_i`` broadcast) summed over the axes the gain was
     broadcast along."""
-    operand = use.eqn.invars[use.param_positions[0]].aval.shape
-    axes = tuple(
-        i + 1 for i, (p, o) in enumerate(zip(operand, delta.shape[1:], strict=True)) if p < o
-    )
+    axes = broadcast_axes(use, delta)
     dtype = accumulator(x, delta)
     products = x.astype(dtype) * delta.astype(dtype)
     return jnp.sum(products, axis=axes) if axes else products
@@ -282,7 +285,8 @@ RULES: dict[str, Rule] = {
     "bias": Rule(is_bias, grads=bias_grads),
     "gain": Rule(is_gain, grads=gain_grads),
     "conv": Rule(is_conv_kernel, grads=conv_kernel_grads),
-    # Gains and other convolution operands: exact per-example gradients of that leaf alone.
+    # Other elementwise and convolution operands: exact per-example gradients of that
+    # leaf alone.
     "materialised": Rule(lambda use: use.eqn.primitive.name in QUIETLY_MATERIALISED),
     "generic": Rule(lambda use: True, warn=True),
 }
@@ -310,7 +314,7 @@ def make_plan(jaxpr, consts, leaves, example_leaves) -> Plan:
         }
         if not uncovered:
             return plan
-        closed = plan.closed | uncovered
+        closed = closed | uncovered
 
 
 def _covered_in_scan(use: Use, plan: Plan) -> bool:
@@ -336,7 +340,7 @@ def _plan(jaxpr, consts, leaves, example_leaves, closed: frozenset[int]) -> Plan
     for u, use in enumerate(uses):
         for leaf in use.leaves:
             uses_of.setdefault(leaf, []).append(u)
-    plan = Plan(uses, {}, [], set(), interpreter.closed)
+    plan = Plan(uses, {}, [], set(), closed)
     for leaf, ids in sorted(uses_of.items()):
         shared = len(ids) > 1 or leaf in derived
         if not shared and uses[ids[0]].rule.fast:
