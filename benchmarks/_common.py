@@ -328,6 +328,16 @@ def torch_device() -> str:
     return "cpu"
 
 
+def torch_on_device(model: Any, shape: tuple[int, ...], size: int):
+    """``(model, x, y, device)``: ``model`` moved to ``torch_device()`` and a random batch
+    of ``size`` inputs of ``shape`` and labels in 0..9 drawn there."""
+    import torch
+
+    device = torch_device()
+    x = torch.randn(size, *shape, device=device)
+    return model.to(device), x, torch.randint(0, 10, (size,), device=device), device
+
+
 def torch_timed(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
     """``fn`` followed by ``torch.cuda.synchronize()`` on a GPU, so that a timed call
     covers the kernels it queued (``jax.block_until_ready`` cannot see them)."""

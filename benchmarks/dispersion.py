@@ -34,8 +34,8 @@ from _common import (
     scanned_stack,
     scanned_transformer,
     strided_cnn,
-    torch_device,
     torch_model,
+    torch_on_device,
     torch_timed,
     transformer,
 )
@@ -82,10 +82,7 @@ def _torch_rows(name, size, repeats):
         return []
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.manual_seed(0)
-    device = torch_device()
-    model = model.to(device)
-    x = torch.randn(size, *shape, device=device)
-    y = torch.randint(0, 10, (size,), device=device)
+    model, x, y, device = torch_on_device(model, shape, size)
     plain_model = copy.deepcopy(model)  # BackPACK's hooks do not compose with torch.func
     model, loss_fn = extend(model), extend(torch.nn.CrossEntropyLoss())
 

@@ -24,8 +24,8 @@ from _common import (
     mean_loss,
     mlp,
     save,
-    torch_device,
     torch_model,
+    torch_on_device,
     torch_timed,
 )
 
@@ -66,11 +66,7 @@ def _torch_rows(name, size, repeats):
         print("(PyTorch not installed: pip install -e .[peers] to time the authors' GMP)")
         return []
     torch.manual_seed(0)
-    device = torch_device()
-    model, shape = torch_model(name)
-    model = model.to(device)
-    x = torch.randn(size, *shape, device=device)
-    y = torch.randint(0, 10, (size,), device=device)
+    model, x, y, device = torch_on_device(*torch_model(name), size)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     loss_fn = torch.nn.CrossEntropyLoss()
 

@@ -28,8 +28,8 @@ from _common import (
     mean_loss,
     mlp,
     save,
-    torch_device,
     torch_model,
+    torch_on_device,
     torch_timed,
     transformer,
 )
@@ -96,10 +96,7 @@ def _torch_rows(name: str, batch_size: int, probes: int, repeats: int):
     if model is None:
         return []
     torch.manual_seed(0)
-    device = torch_device()
-    model = model.to(device)
-    x = torch.randn(batch_size, *shape, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    model, x, y, device = torch_on_device(model, shape, batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def plain():
