@@ -1,21 +1,28 @@
 """Gaussian perturbations shaped like a parameter pytree.
 
-GMP draws ``k·P`` Gaussian numbers per update, and on a CPU that costs more than the
-gradients (``benchmarks/gmp.py``). Measured on the 2-core CPU for the 5.6 M normals of
-k = 3 on an MLP 784-1024-1024-10, drawn leaf by leaf inside ``jit`` (medians of 9):
+GMP draws ``k·P`` Gaussian numbers per update, and on a CPU that costs as much as the
+gradients (``benchmarks/gmp.py``). ``jax.random.normal`` with threefry keys (JAX's
+default, ``jax_threefry_partitionable``) hashes one threefry-2x32 block per number and
+keeps one word of its two (their XOR). jaxgen keeps both: each block, keyed by the leaf's
+key and a counter pair (flat index over the leading axes, index of a pair of neighbours
+along the last axis), gives two neighbouring numbers, as Random123 intends its 2×32-bit
+output. The counters are iotas, so a draw partitions over any axis like JAX's own, and
+its values do not depend on the sharding. Each word becomes a uniform on
+``[nextafter(−1, 0), 1)`` and then ``√2·erfinv(u)``, as in ``jax.random.normal``.
 
-    jax.random.normal, threefry keys                         21 ms
-    jax.random.normal, rbg / unsafe_rbg keys                 30 ms
-    one flat threefry draw of all 5.6 M numbers, split       35 ms (bits alone)
-    raw threefry bits alone, per leaf                        10 ms
-    24 raw bits -> uniform -> √2·erfinv(2u − 1) by hand      21 ms
+Measured on the 2-core CPU for the P = 1.86 M parameters of an MLP 784-1024-1024-10,
+drawn leaf by leaf inside ``jit`` (minimum over blocks, ``/tmp`` scripts of the session
+that made this change, the numbers in ``benchmarks/README.md``):
 
-So the threefry bits are half the cost and the inverse-CDF transform the other half;
-forming the uniform by hand saves nothing over ``jax.random.normal``, and bfloat16
-draws lose the tails. jaxgen therefore draws with ``jax.random.normal`` per leaf, inside
-the jitted update (float32 for low-precision leaves, then rounded). A typed key of
-another implementation (``jax.random.key(seed, impl="rbg")``) is honoured where it is
-faster, as on some GPUs.
+    jax.random.normal, threefry keys (one block per number)   6.2 ms
+    both words of each block (this module)                    4.1 ms
+    Box–Muller on both words                                 12.5 ms
+
+Earlier measurements: rbg / unsafe_rbg keys were slower than threefry here, and a
+uniform formed by hand saves nothing over ``jax.random.uniform``. Leaves are drawn in
+float32 (low-precision leaves are then rounded, so their tails stay Gaussian); float64
+leaves and keys of other implementations (``jax.random.key(seed, impl="rbg")``, faster on
+some GPUs) are drawn by ``jax.random.normal``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.random import threefry2x32_p
 
 from jaxgen import _checks
 from jaxgen._types import PyTree
@@ -45,12 +55,40 @@ def _sampling_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _pair_counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Threefry counters of each pair of neighbours along the last axis of ``shape``: the
+    flat index over the leading axes, and the pair's index along the last axis."""
+    pairs = (*shape[:-1], -(-shape[-1] // 2))
+    row = jnp.zeros(pairs, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape) - 1)):
+        row = row + lax.broadcasted_iota(jnp.uint32, pairs, axis) * np.uint32(stride)
+        stride *= shape[axis]
+    return row, lax.broadcasted_iota(jnp.uint32, pairs, len(pairs) - 1)
+
+
+_LOWEST = np.nextafter(np.float32(-1.0), np.float32(0.0))
+
+
+def _standard_normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """N(0, 1) draws of ``shape``: two per threefry block (see the module docstring)."""
+    threefry = str(jax.random.key_impl(key)) == "threefry2x32"
+    if dtype != jnp.float32 or not threefry or math.prod(shape[:-1]) >= 2**32:
+        return jax.random.normal(key, shape, dtype)
+    full = shape or (1,)
+    first, second = threefry2x32_p.bind(*jax.random.key_data(key), *_pair_counters(full))
+    words = jnp.stack([first, second], axis=-1).reshape(*full[:-1], -1)[..., : full[-1]]
+    one_to_two = lax.bitcast_convert_type((words >> 9) | np.uint32(0x3F800000), jnp.float32)
+    uniform = jnp.maximum(_LOWEST, (one_to_two - 1.0) * (1.0 - _LOWEST) + _LOWEST)
+    return (np.float32(np.sqrt(2.0)) * lax.erf_inv(uniform)).reshape(shape)
+
+
 def gaussian_like(key: jax.Array, params: PyTree, sigma: Any) -> PyTree:
     """``Δ ~ N(0, σ² I)`` shaped like ``params``, one independent key per leaf."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
     noise = [
-        (sigma * jax.random.normal(k, leaf.shape, _sampling_dtype(leaf.dtype))).astype(leaf.dtype)
+        (sigma * _standard_normal(k, leaf.shape, _sampling_dtype(leaf.dtype))).astype(leaf.dtype)
         for k, leaf in zip(keys, leaves, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, noise)

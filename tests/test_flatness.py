@@ -6,6 +6,7 @@ from conftest import mlp_loss
 from jax.flatten_util import ravel_pytree
 
 import jaxgen
+from jaxgen._random import gaussian_like
 
 
 def _quadratic_loss(w, z):
@@ -95,14 +96,7 @@ def test_gradient_sensitivity_against_a_per_example_loop(mlp):
     est = jaxgen.gradient_sensitivity(mlp_loss, params, batch, key=key, sigma=0.1, num_samples=2)
     values = []
     for sample_key in jax.random.split(key, 2):
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(sample_key, len(leaves))
-        noise = [
-            0.1 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)
-        ]
-        perturbed = jax.tree_util.tree_map(
-            jnp.add, params, jax.tree_util.tree_unflatten(treedef, noise)
-        )
+        perturbed = jax.tree_util.tree_map(jnp.add, params, gaussian_like(sample_key, params, 0.1))
         total = 0.0
         for i in range(10):
             z = jax.tree_util.tree_map(lambda x, i=i: x[i], batch)

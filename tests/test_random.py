@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 from scipy import stats
 
 from jaxgen._random import as_key, gaussian_like, rademacher_like
@@ -16,6 +17,45 @@ def test_gaussian_like_is_normal_with_the_requested_scale():
     assert stats.kstest(z, "norm").pvalue > 1e-3
     other = gaussian_like(jax.random.key(1), params, 0.5)
     assert not np.allclose(noise["b"], other["b"])
+
+
+def test_gaussian_like_neighbours_from_one_block_are_independent():
+    """Two neighbours along the last axis share a threefry block (one word each): they,
+    and the same column of neighbouring rows (counters differing in the row), must be
+    uncorrelated, also in their squares."""
+    z = np.asarray(gaussian_like(jax.random.key(4), {"a": jnp.zeros((400, 2, 301))}, 1.0)["a"])
+    z = z.astype(np.float64)
+    for first, second in [
+        (z[..., 0:-1:2], z[..., 1::2]),  # the two words of one block
+        (z[..., 1:-1:2], z[..., 2::2]),  # last word of one block, first of the next
+        (z[:, 0], z[:, 1]),  # same pair index, neighbouring rows
+        (z[:-1], z[1:]),
+    ]:
+        n = first.size
+        assert abs(np.mean(first * second)) < 5 / np.sqrt(n)
+        assert abs(np.corrcoef(first.ravel() ** 2, second.ravel() ** 2)[0, 1]) < 5 / np.sqrt(n)
+    assert stats.kstest(z[..., -1].ravel(), "norm").pvalue > 1e-3  # the odd column's word
+
+
+def test_gaussian_like_does_not_depend_on_the_sharding():
+    params = {"a": jnp.zeros((8, 12)), "b": jnp.zeros(6)}
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    draw = lambda key: gaussian_like(key, params, 0.3)  # noqa: E731
+    plain = jax.jit(draw)(jax.random.key(2))
+    for spec in (PartitionSpec("x"), PartitionSpec(None, "x")):
+        shardings = {"a": NamedSharding(mesh, spec), "b": NamedSharding(mesh, PartitionSpec())}
+        sharded = jax.jit(draw, out_shardings=shardings)(jax.random.key(2))
+        assert sharded["a"].sharding.spec == spec
+        np.testing.assert_array_equal(sharded["a"], plain["a"])
+
+
+def test_other_key_implementations_draw_with_jax_random_normal():
+    params = {"a": jnp.zeros((3, 4))}
+    key = jax.random.key(5, impl="rbg")
+    (leaf_key,) = jax.random.split(key, 1)
+    np.testing.assert_allclose(
+        gaussian_like(key, params, 0.5)["a"], 0.5 * jax.random.normal(leaf_key, (3, 4))
+    )
 
 
 def test_rademacher_like_has_independent_fair_signs():
