@@ -7,6 +7,7 @@ straight-line code, not a ``lax.map`` (a while loop): XLA:CPU runs convolutions 
 loops about 40× slower than outside them (``benchmarks/hessian.py``), while straight
 rows cost only compile time, proportional to their number. Beyond ``MAX_UNROLLED`` rows
 (e.g. the exact trace of a model with many parameters) the rows run in a loop.
+``loops_are_slow`` tells other loops (GMP's perturbations) when to do the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend.core as jcore
 import jax.numpy as jnp
 
 MAX_UNROLLED = 32
@@ -49,3 +51,32 @@ def map_in_rows(
         out = jax.lax.map(row, padded)
         out = out.reshape(rows * width, *out.shape[2:])
     return out[:count]
+
+
+def _inner_jaxprs(eqn) -> list[jcore.Jaxpr]:
+    inner = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(item, jcore.ClosedJaxpr):
+                inner.append(item.jaxpr)
+            elif isinstance(item, jcore.Jaxpr):
+                inner.append(item)
+    return inner
+
+
+def convolves(jaxpr: jcore.Jaxpr) -> bool:
+    """Whether ``jaxpr``, or a jaxpr inside one of its equations, has a convolution."""
+    return any(
+        eqn.primitive.name == "conv_general_dilated" or any(map(convolves, _inner_jaxprs(eqn)))
+        for eqn in jaxpr.eqns
+    )
+
+
+def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
+    """Whether ``fn(*args)`` belongs in straight-line code rather than a loop body: on a
+    CPU backend, when its program has a convolution (XLA:CPU runs those about 40× slower
+    inside loops: ``benchmarks/hessian.py``; 23× for GMP's gradients of a small CNN)."""
+    if jax.default_backend() != "cpu":
+        return False
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    return convolves(jax.make_jaxpr(fn)(*shapes).jaxpr)

@@ -100,3 +100,20 @@ def test_raw_and_typed_keys_are_accepted():
 def test_bad_hyperparameters_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         jaxgen.gmp(**kwargs)
+
+
+def _sequential_temp_bytes(loss_fn, params, batch, num_samples):
+    transform = jaxgen.gmp(num_samples=num_samples, sigma=0.1, mode="sequential")
+    grad_fn = jaxgen.batch_grad_fn(loss_fn, batch)
+    update = jax.jit(lambda p, s: transform.update(grad_fn(p), s, p, grad_fn=grad_fn)[0])
+    compiled = update.lower(params, transform.init(params)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_sequential_mode_holds_one_perturbed_gradient_whatever_k():
+    params = {"w": jnp.ones((64, 64)) / 8, "v": jnp.ones((64, 64)) / 8}
+    batch = jnp.ones((4, 64))
+    loss_fn = lambda p, x: jnp.sum(jnp.tanh(jnp.tanh(x @ p["w"]) @ p["v"]))  # noqa: E731
+    size = 2 * 64 * 64 * 4
+    few, many = (_sequential_temp_bytes(loss_fn, params, batch, k) for k in (2, 8))
+    assert many - few < size  # straight-line code would keep 6 more perturbed gradients

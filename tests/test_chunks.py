@@ -1,0 +1,51 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen._chunks import convolves, loops_are_slow, map_in_rows
+
+
+def _conv(w, x):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")
+
+
+def _dense(w, x):
+    return jnp.tanh(x @ w)
+
+
+@pytest.mark.parametrize(
+    "wrap, has_conv",
+    [
+        (lambda f: f, True),
+        (jax.jit, True),
+        (jax.checkpoint, True),
+        (
+            lambda f: (
+                lambda w, x: jax.lax.scan(lambda c, _: (c + jnp.sum(f(w, x)), None), 0.0, None, 2)[
+                    0
+                ]
+            ),
+            True,
+        ),
+        (lambda f: lambda w, x: jax.lax.cond(True, f, lambda w, x: x, w, x), True),
+    ],
+)
+def test_convolutions_are_found_inside_calls_remat_scans_and_branches(wrap, has_conv):
+    w, x = jnp.ones((1, 1, 3, 3)), jnp.ones((2, 1, 5, 5))
+    loss = lambda w: jnp.sum(wrap(_conv)(w, x))  # noqa: E731
+    assert convolves(jax.make_jaxpr(jax.grad(loss))(w).jaxpr) is has_conv
+    assert loops_are_slow(jax.grad(loss), w) is (jax.default_backend() == "cpu")
+
+
+def test_dense_programs_may_loop():
+    w, x = jnp.ones((3, 3)), jnp.ones((2, 3))
+    grad = jax.grad(lambda w: jnp.sum(jax.jit(jax.checkpoint(_dense))(w, x)))
+    assert not convolves(jax.make_jaxpr(grad)(w).jaxpr)
+    assert not loops_are_slow(grad, w)
+
+
+def test_map_in_rows_is_vmap_in_any_row_width_unrolled_or_looped():
+    xs = jnp.arange(40.0)
+    for width in (1, 3, 7, 40, 50):  # 40 rows of one: more than MAX_UNROLLED, a loop
+        np.testing.assert_allclose(map_in_rows(jnp.sin, xs, width), jnp.sin(xs))
