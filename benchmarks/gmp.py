@@ -4,16 +4,19 @@
 
 Every row is one jitted SGD step on the same model and minibatch: ERM (one gradient),
 ``dynamic_clip``, ``amp`` (one inner step), and ``gmp`` with k = 3 and 10 in both modes.
-GMP's floor is timed in the same run: k+1 times one plain gradient pass plus drawing
-the k·P Gaussian numbers alone. Where PyTorch is installed
-(``pip install -e .[peers]``), the authors' way of doing GMP (k sequential perturbed
-passes with ``torch.randn_like``) and a PyTorch ERM step are timed on the same model
-and batch. Prints a table and writes ``benchmarks/results/gmp.json``.
+GMP's floor is timed in the same run: k+1 times one plain gradient pass plus k times one
+draw of P normals by jaxgen's sampler (each part alone, jitted); "× JAX floor" puts the
+draws of ``jax.random.normal`` in their place, the floor of a GMP written in plain JAX.
+Where PyTorch is installed (``pip install -e .[peers]``), the authors' way of doing GMP
+(k sequential perturbed passes with ``torch.randn_like``) and a PyTorch ERM step are
+timed on the same model and batch. Prints a table and writes
+``benchmarks/results/gmp.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import optax
@@ -48,15 +51,26 @@ def _step(loss_fn, batch, transform):
 
 
 def _floor_parts(loss_fn, params, batch):
-    """One plain gradient pass, and drawing k·P normals for k = 3 and 10, jitted."""
-    grad = jax.jit(jax.grad(mean_loss(loss_fn)))
-    draws = {
-        k: jax.jit(
-            lambda key, k=k: [gaussian_like(kk, params, SIGMA) for kk in jax.random.split(key, k)]
-        )
-        for k in (3, 10)
+    """One plain gradient pass, and one draw of P normals by jaxgen and by JAX, jitted."""
+
+    def jax_normals(key):
+        leaves = jax.tree_util.tree_leaves(params)
+        keys = jax.random.split(key, len(leaves))
+        return [
+            SIGMA * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)
+        ]
+
+    key = (jax.random.key(0),)
+    return {
+        "one gradient": (jax.jit(jax.grad(mean_loss(loss_fn))), (params, batch)),
+        "P normals": (jax.jit(lambda key: gaussian_like(key, params, SIGMA)), key),
+        "P normals, jax.random.normal": (jax.jit(jax_normals), key),
     }
-    return (grad, (params, batch)), draws
+
+
+def _floor(medians, k, draw="P normals"):
+    """k+1 plain gradients and k draws of P normals, from the parts timed alone."""
+    return (k + 1) * medians["one gradient"] + k * medians[draw]
 
 
 def _torch_rows(name, size, repeats):
@@ -107,7 +121,7 @@ def main() -> None:
     models = (("MLP 784-1024-1024-10", mlp, 128), ("CNN 32x32x3", cnn, 128))
     rows = []
     print(f"machine: {machine()}")
-    header = f"{'model':<22}{'step':<34}{'ms':>9}{'× ERM':>8}{'× floor':>9}"
+    header = f"{'model':<22}{'step':<36}{'ms':>9}{'× ERM':>8}{'× floor':>9}{'× JAX floor':>13}"
     print(header)
     print("-" * len(header))
     for name, build, size in models[:1] if args.quick else models:
@@ -122,41 +136,40 @@ def main() -> None:
         for label, transform in variants.items():
             step, init = _step(loss_fn, batch, transform)
             calls[label] = (step, (params, init(params)))
-        (grad, grad_args), draws = _floor_parts(loss_fn, params, batch)
-        calls["one gradient"] = (grad, grad_args)
-        for k in (3, 10):
-            calls[f"{k}·P normals"] = (draws[k], (jax.random.key(0),))
+        calls |= _floor_parts(loss_fn, params, batch)
         medians = interleaved_medians(calls, repeats=repeats)
         erm = medians["ERM"]
-        floors = {
-            k: ((k + 1) * medians["one gradient"], medians[f"{k}·P normals"]) for k in (3, 10)
-        }
+        floor = functools.partial(_floor, medians)
         results = []
         for label in variants:
-            floor = None
-            if label.startswith("GMP"):
-                floor = sum(floors[int(label.split("k=")[1].split()[0])])
-            results.append((label, medians[label], floor, erm))
-        for k, (passes_s, draws_s) in floors.items():
-            results.append((f"floor k={k}: {k + 1} × one gradient", passes_s, None, erm))
-            results.append((f"floor k={k}: {k}·P normals", draws_s, None, erm))
+            k = int(label.split("k=")[1].split()[0]) if label.startswith("GMP") else None
+            floors = (floor(k), floor(k, "P normals, jax.random.normal")) if k else (None, None)
+            results.append((label, medians[label], erm, *floors))
+        for label in ("one gradient", "P normals", "P normals, jax.random.normal"):
+            results.append((label, medians[label], erm, None, None))
+        for k in (3, 10):
+            results.append((f"floor k={k}: {k + 1} gradients + {k}·P normals", floor(k), erm))
+            results[-1] += (None, None)
         torch_rows = _torch_rows(name, size, repeats)
         # PyTorch rows are relative to PyTorch's own ERM step.
-        results += [(label, s, None, torch_rows[0][1]) for label, s in torch_rows]
-        for label, seconds, floor, baseline in results:
-            row = {
-                "model": name,
-                "batch": size,
-                "step": label,
-                "ms": seconds * 1e3,
-                "ratio_to_erm": seconds / baseline,
-                "ratio_to_floor": None if floor is None else seconds / floor,
-            }
-            rows.append(row)
-            floor_text = "" if floor is None else f"{seconds / floor:>9.2f}"
-            print(
-                f"{name:<22}{label:<34}{seconds * 1e3:>9.2f}{seconds / baseline:>8.2f}{floor_text}"
+        results += [(label, s, torch_rows[0][1], None, None) for label, s in torch_rows]
+        for label, seconds, baseline, own_floor, jax_floor in results:
+            ratios = [None if f is None else seconds / f for f in (own_floor, jax_floor)]
+            rows.append(
+                {
+                    "model": name,
+                    "batch": size,
+                    "step": label,
+                    "ms": seconds * 1e3,
+                    "ratio_to_erm": seconds / baseline,
+                    "ratio_to_floor": ratios[0],
+                    "ratio_to_jax_floor": ratios[1],
+                }
             )
+            text = "".join(
+                "" if r is None else f"{r:>{w}.2f}" for r, w in zip(ratios, (9, 13), strict=True)
+            )
+            print(f"{name:<22}{label:<36}{seconds * 1e3:>9.2f}{seconds / baseline:>8.2f}{text}")
     print(f"wrote {save('gmp', rows)}")
 
 
