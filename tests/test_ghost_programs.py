@@ -16,6 +16,7 @@ import pytest
 
 import jaxgen
 import jaxgen._ghost as ghost_module
+from jaxgen._chunks import _inner_jaxprs
 from jaxgen._ghost import rules
 
 B, D, H, V = 6, 5, 4, 7
@@ -31,12 +32,13 @@ def _oracle(loss_fn, params, batch):
         flat = np.concatenate(
             [np.asarray(g).reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1
         )
+        mean = jax.tree_util.tree_map(lambda g: np.asarray(g).mean(axis=0), grads)
     residuals = flat - flat.mean(axis=0)
-    return np.sum(flat**2, axis=1), np.sum(residuals**2) / B
+    return np.sum(flat**2, axis=1), np.sum(residuals**2) / B, mean
 
 
 def _check(loss_fn, params, batch, *, warns: bool, rtol=2e-4):
-    sq_norms, dispersion = _oracle(loss_fn, params, batch)
+    sq_norms, dispersion, mean = _oracle(loss_fn, params, batch)
     ghost_module._warn_once.cache_clear()  # each message is given once per process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -47,6 +49,8 @@ def _check(loss_fn, params, batch, *, warns: bool, rtol=2e-4):
     for stats in (ghost, auto):
         np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=rtol, atol=1e-6)
         np.testing.assert_allclose(stats.dispersion, dispersion, rtol=rtol, atol=1e-7)
+        for got, want in zip(*map(jax.tree_util.tree_leaves, (stats.grad, mean)), strict=True):
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
     return messages
 
 
@@ -212,7 +216,7 @@ def test_bfloat16_parameters():
     def loss(p, z):
         return _xent((z["x"].astype(jnp.bfloat16) @ p["w"] + p["b"]).astype(jnp.float32), z["y"])
 
-    sq_norms, dispersion = _oracle(loss, params, BATCH)
+    sq_norms, dispersion, _ = _oracle(loss, params, BATCH)
     stats = jaxgen.gradient_dispersion(loss, params, BATCH)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=3e-2)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=3e-2)
@@ -229,7 +233,7 @@ def test_float64_parameters_give_float64_results():
         for method in ("ghost", "auto", "vmap"):
             stats = jaxgen.gradient_dispersion(loss, params, batch, method=method)
             assert stats.dispersion.dtype == stats.sq_norms.dtype == jnp.float64, method
-        sq_norms, dispersion = _oracle(loss, params, batch)
+        sq_norms, dispersion, _ = _oracle(loss, params, batch)
         np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-12)
         np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-12)
 
@@ -244,7 +248,7 @@ def test_auto_is_exact_when_the_mean_gradient_dominates_by_1e8():
         return (z["x"] @ p["w"])[0]  # δ = 1: g_i = x_i exactly
 
     batch = {"x": x}
-    sq_norms, dispersion = _oracle(loss, params, batch)
+    sq_norms, dispersion, _ = _oracle(loss, params, batch)
     assert np.sum(np.mean(np.asarray(x, np.float64), 0) ** 2) / dispersion > 1e7
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
@@ -282,7 +286,7 @@ def test_a_program_the_interpreter_cannot_follow_falls_back_to_vmap(monkeypatch)
 
     with pytest.warns(UserWarning, match="cannot follow this loss .* method='vmap' instead"):
         stats = jaxgen.gradient_dispersion(loss, params, BATCH, method="ghost")
-    _, dispersion = _oracle(loss, params, BATCH)
+    _, dispersion, _ = _oracle(loss, params, BATCH)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -326,6 +330,17 @@ def test_convolution_kernels_of_every_shape_get_exact_per_example_gradients(name
     _check(loss, params, batch, warns=False, rtol=5e-4)
     plan_rules = _rules_used(loss, params, batch)
     assert plan_rules == {"conv"}, plan_rules
+    # ḡ comes from the per-example kernel gradients: the forward convolution is the only one
+    ghost = jax.make_jaxpr(lambda p, b: jaxgen.gradient_dispersion(loss, p, b, method="ghost"))
+    assert _count_convolutions(ghost(params, batch).jaxpr) == 1
+
+
+def _count_convolutions(jaxpr):
+    return sum(
+        (eqn.primitive.name == "conv_general_dilated")
+        + sum(map(_count_convolutions, _inner_jaxprs(eqn)))
+        for eqn in jaxpr.eqns
+    )
 
 
 def _rules_used(loss, params, batch):
@@ -464,7 +479,7 @@ def test_scanned_layers_are_exact_when_the_mean_gradient_dominates():
         return out
 
     batch = {"x": c + spread * _normal(62, B, D)}
-    sq_norms, dispersion = _oracle(loss, params, batch)
+    sq_norms, dispersion, _ = _oracle(loss, params, batch)
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)

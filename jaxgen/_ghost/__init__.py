@@ -104,7 +104,10 @@ def _discover(traced: _Traced, leaves: list, one_example: list) -> Plan:
 def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -> _Backward:
     size = example_leaves[0].shape[0]
 
+    own_mean = plan.own_mean
+
     def per_example(leaves, example_leaves, probes):
+        leaves = [jax.lax.stop_gradient(x) if i in own_mean else x for i, x in enumerate(leaves)]
         interpreter = Interpreter(probes, plan.closed)
         outs = interpreter.run(traced.jaxpr, traced.consts, leaves, example_leaves)
         return outs[0].value, interpreter.captured
@@ -136,10 +139,13 @@ def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -
 CANCELLATION_EPS = 1e5
 
 
-def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks) -> LeafStats:
-    """A leaf by its ghost rule. When the ghost difference would lose digits
-    (``CANCELLATION_EPS``), its statistics are recomputed exactly: by the rule's own
-    ``centred_m2`` where it has one, else by ``in_chunks()`` from per-example gradients."""
+def _fast_leaf(
+    use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
+) -> tuple[LeafStats, jax.Array | None]:
+    """A leaf by its rule, and ``ḡ`` where the rule's per-example ``grads`` give it. When
+    the ghost difference would lose digits (``CANCELLATION_EPS``), its statistics are
+    recomputed exactly: by the rule's own ``centred_m2`` where it has one, else by
+    ``in_chunks()`` from per-example gradients."""
     (x,) = backward.captured[u]
     (delta,) = backward.deltas[u]
     if use.loops:  # an opened scan: one row per example and iteration
@@ -149,7 +155,8 @@ def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
     if use.rule.grads is not None:  # centred on their own mean: the operand's layout
         grads = use.rule.grads(use, x, delta)
         grads = grads.reshape(size, -1) if use.loops else grads
-        return centred(grads, pairwise_sum(grads) / grads.shape[0])
+        own_mean = pairwise_sum(grads) / grads.shape[0]
+        return centred(grads, own_mean), own_mean
     norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(x, delta)
     if use.loops:  # the slices partition the leaf: their squared norms add up
         norms = jnp.sum(norms.reshape(size, iterations), axis=1)
@@ -169,7 +176,7 @@ def _fast_leaf(use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
                 return LeafStats(norms, jnp.sum(m2).astype(dtype))
             return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(dtype))
 
-    return jax.lax.cond(cancels, exact, lambda: ghost)
+    return jax.lax.cond(cancels, exact, lambda: ghost), None
 
 
 # Equations whose VJP, taken per example on the exact path, runs a loop: slower than
@@ -207,10 +214,13 @@ def ghost_dispersion(
 
     program = (plan, traced.jaxpr, traced.consts, leaves, backward.captured, backward.deltas)
     stats = {}
+    mean_grad, own = list(backward.mean_grad), plan.own_mean
     for leaf, u in plan.fast.items():
         mean = backward.mean_grad[leaf]
         in_chunks = functools.partial(centred_in_chunks, *program, leaf, mean)
-        stats[leaf] = _fast_leaf(plan.uses[u], backward, u, mean, in_chunks)
+        stats[leaf], own_mean = _fast_leaf(plan.uses[u], backward, u, mean, in_chunks)
+        if leaf in own:
+            mean_grad[leaf] = own_mean.astype(leaves[leaf].dtype)
     if plan.materialised:
         grads = materialise(*program, plan.materialised)
         stats |= {leaf: centred(g, backward.mean_grad[leaf]) for leaf, g in grads.items()}
@@ -223,7 +233,7 @@ def ghost_dispersion(
     )
     return DispersionStats(
         loss=jnp.mean(backward.losses),
-        grad=jax.tree_util.tree_unflatten(traced.treedef, backward.mean_grad),
+        grad=jax.tree_util.tree_unflatten(traced.treedef, mean_grad),
         sq_norms=sq_norms,
         dispersion=functools.reduce(jnp.add, layer),
         layer_dispersion=jax.tree_util.tree_unflatten(traced.treedef, layer),

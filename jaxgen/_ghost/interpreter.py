@@ -68,6 +68,7 @@ class Use:
     probe_avals: tuple[Any, ...]  # one per output; None for non-float outputs
     rule: Any = None  # the rules.Rule that handles it, set when planning
     scans: tuple[Any, ...] = ()  # the opened scan equations around it, outermost first
+    operand_is_leaf: bool = False  # the parameter operand is the leaf itself, as passed
 
     @property
     def loops(self) -> tuple[int, ...]:
@@ -91,18 +92,22 @@ class Interpreter:
     def __init__(self, probes=None, closed: frozenset[int] = frozenset()):
         self.probes = probes
         self.closed = closed  # ids of the scan equations not to open
+        self.leaf_values: list[Any] = []  # the leaves as passed to run(), not views of them
         self.uses: list[Use] = []
         self.derived: set[int] = set()
         self.captured: list[list[Any]] = []
 
     def _fresh(self) -> Interpreter:
         """An interpreter of the same kind without probes, for a body's layout."""
-        return type(self)(closed=self.closed)
+        fresh = type(self)(closed=self.closed)
+        fresh.leaf_values = self.leaf_values
+        return fresh
 
     def run(self, jaxpr, consts, leaves, example_leaves):
         """Evaluate; ``example_leaves=None`` marks the example inputs without values."""
         if example_leaves is None:
             example_leaves = [None] * (len(jaxpr.invars) - len(leaves))
+        self.leaf_values = list(leaves)
         args = [Value(v, PARAM, frozenset([i]), i) for i, v in enumerate(leaves)]
         args += [Value(v, EXAMPLE) for v in example_leaves]
         return self._eval(jaxpr, [Value(c, CONST) for c in consts], args)
@@ -287,6 +292,8 @@ class Interpreter:
         )
         deps = frozenset().union(*(entries[i].leaves for i in params))
         use = Use(eqn, examples, params, deps, view_leaf, avals)
+        if view_leaf is not None and view_leaf < len(self.leaf_values):
+            use.operand_is_leaf = entries[params[0]].value is self.leaf_values[view_leaf]
         self.uses.append(use)
         self.captured.append([entries[i].value for i in examples])
         if self.probes is not None:

@@ -28,7 +28,10 @@ class Rule:
     from the batched operands and output gradients. A rule with neither
     materialises ``g_i`` from the equation's VJP; ``warn`` names such leaves in the
     warning of ``method="ghost"``. ``centred_m2(use, x, delta)`` (batched), where given,
-    is the exact ``Σ_i ‖g_i − ḡ‖²`` used when the ghost difference cancels.
+    is the exact ``Σ_i ‖g_i − ḡ‖²`` used when the ghost difference cancels. With
+    ``own_mean``, a leaf that is itself the operand (no view, outside loops) takes ``ḡ``
+    from its ``grads``, and the backward pass does not form it (for convolution kernels,
+    XLA's kernel-gradient convolution is not run).
     """
 
     matches: Callable[[Use], bool]
@@ -36,6 +39,7 @@ class Rule:
     grads: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
     centred_m2: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
     warn: bool = False
+    own_mean: bool = False
 
     @property
     def fast(self) -> bool:
@@ -284,7 +288,7 @@ RULES: dict[str, Rule] = {
     "embedding": Rule(is_embedding, sq_norms=embedding_sq_norm),
     "bias": Rule(is_bias, grads=bias_grads),
     "gain": Rule(is_gain, grads=gain_grads),
-    "conv": Rule(is_conv_kernel, grads=conv_kernel_grads),
+    "conv": Rule(is_conv_kernel, grads=conv_kernel_grads, own_mean=True),
     # Other elementwise and convolution operands: exact per-example gradients of that
     # leaf alone.
     "materialised": Rule(lambda use: use.eqn.primitive.name in QUIETLY_MATERIALISED),
@@ -299,6 +303,18 @@ class Plan:
     materialised: list[int]  # leaves whose per-example gradients are materialised
     unsupported: set[int]  # the materialised leaves that no rule covers (warned about)
     closed: frozenset[int] = frozenset()  # ids of the scans treated as one opaque use
+
+    @property
+    def own_mean(self) -> frozenset[int]:
+        """Fast leaves whose ``ḡ`` comes from their rule's per-example ``grads``
+        (``Rule.own_mean``): the backward pass skips their gradient."""
+        return frozenset(
+            leaf
+            for leaf, u in self.fast.items()
+            if self.uses[u].rule.own_mean
+            and self.uses[u].operand_is_leaf
+            and not self.uses[u].loops
+        )
 
 
 def make_plan(jaxpr, consts, leaves, example_leaves) -> Plan:
