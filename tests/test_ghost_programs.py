@@ -82,13 +82,15 @@ def test_scan_over_stacked_layers_with_a_mask_built_inside_the_loss():
 
 
 def test_fori_loop_with_a_literal_counter():
+    """The loop closes over ``w``: tied, its rows of the three iterations in one product."""
     params = {"w": _normal(3, D, D) / 3, "out": _normal(4, D, H)}
 
     def loss(p, z):
         h = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]) + i, z["x"])
         return _xent(h @ p["out"], z["y"])
 
-    _check(loss, params, BATCH, warns=True)
+    _check(loss, params, BATCH, warns=False)
+    assert _rules_used(loss, params, BATCH) == {"dense"}
 
 
 def test_checkpointed_blocks_keep_the_fast_path():
@@ -354,8 +356,8 @@ def _rules_used(loss, params, batch):
 
 
 def test_auto_takes_the_vmap_path_when_the_exact_path_would_loop_per_example(monkeypatch):
-    """A recurrent cell closed over by a scan (the same weight in every step): the scan
-    stays closed and its exact path would differentiate the whole loop per example."""
+    """A scan whose body transforms the weight it closes over stays closed, and its
+    exact path would differentiate the whole loop per example."""
     from jaxgen import _per_example
 
     calls = []
@@ -367,8 +369,8 @@ def test_auto_takes_the_vmap_path_when_the_exact_path_would_loop_per_example(mon
 
     params = {"cell": _normal(40, D, D) / 2, "out": _normal(41, D, H)}
 
-    def loss(p, z):
-        h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ p["cell"]), None), z["x"], length=3)
+    def loss(p, z):  # the weight is transformed inside the body: no rule, the scan closes
+        h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ jnp.sin(p["cell"])), None), z["x"], length=3)
         return _xent(h @ p["out"], z["y"])
 
     monkeypatch.setattr(_per_example, "_dispersion_vmap", spy)
@@ -479,6 +481,69 @@ def test_scanned_layers_are_exact_when_the_mean_gradient_dominates():
         return out
 
     batch = {"x": c + spread * _normal(62, B, D)}
+    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    stats = jaxgen.gradient_dispersion(loss, params, batch)
+    np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
+    np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+
+
+def test_recurrent_cells_closed_over_by_a_scan_are_tied_ghost_leaves():
+    """h_{t+1} = tanh(h_t W_h + x_t W_x + b) over a sequence: every step uses the same
+    weights, so g_i = Σ_t (rows of step t)ᵀ δ_t, one product over all steps' rows."""
+    params = {"wh": _normal(70, D, D) / 3, "wx": _normal(71, D, D) / 3, "b": _normal(72, D),
+              "out": _normal(73, D, H)}  # fmt: skip
+
+    def loss(p, z):
+        def step(h, x):
+            return jnp.tanh(h @ p["wh"] + x @ p["wx"] + p["b"]), None
+
+        h, _ = jax.lax.scan(step, jnp.zeros(D), z["x"])
+        return _xent(h @ p["out"], z["y"])
+
+    _check(loss, params, SEQUENCE, warns=False)
+    assert _rules_used(loss, params, SEQUENCE) == {"dense", "bias"}
+
+
+def test_tied_blocks_with_token_rows_and_gains():
+    """A pre-norm block applied three times (fori_loop) to 3 tokens: T = 3 rows per
+    iteration, 9 in the product; the gain and the bias summed over iterations."""
+    params = {"scale": 1 + _normal(74, D) / 4, "up": _normal(75, D, H) / 2, "b": _normal(76, H),
+              "down": _normal(77, H, D) / 2, "out": _normal(78, D, H)}  # fmt: skip
+
+    def loss(p, z):
+        h = jax.lax.fori_loop(0, 3, lambda i, h: _stacked_block(h, p), z["x"])
+        return _xent(h.mean(0) @ p["out"], z["y"])
+
+    _check(loss, params, SEQUENCE, warns=False)
+    assert _rules_used(loss, params, SEQUENCE) == {"dense", "bias", "gain"}
+
+
+def test_a_slice_closed_over_by_an_inner_loop_stays_exact():
+    """Stacked weights whose slice an inner fori_loop applies twice: neither a partition
+    nor a sum over all iterations, so the scans stay closed and the leaf is exact."""
+    params = {"stack": _normal(79, 2, D, D) / 3, "out": _normal(80, D, H)}
+
+    def loss(p, z):
+        def layer(h, w):
+            return jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ w), h), None
+
+        h, _ = jax.lax.scan(layer, z["x"], p["stack"])
+        return _xent(h @ p["out"], z["y"])
+
+    _check(loss, params, BATCH, warns=True)
+
+
+def test_tied_layers_are_exact_when_the_mean_gradient_dominates():
+    """A tied g_i = Σ_t x_i δ with x_i = c + ε_i: ‖ḡ‖² / dispersion ~ 1e8."""
+    c, spread = 1e3, 0.1
+    params = {"w": jnp.ones((D, 1))}
+
+    def loss(p, z):
+        out, _ = jax.lax.scan(lambda s, _: (s + (z["x"] @ p["w"])[0], None), 0.0, length=3)
+        return out
+
+    batch = {"x": c + spread * _normal(81, B, D)}
+    assert _rules_used(loss, params, batch) == {"dense"}  # the ghost path, with its exact branch
     sq_norms, dispersion, _ = _oracle(loss, params, batch)
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)

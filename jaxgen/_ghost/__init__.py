@@ -22,11 +22,14 @@ an elementwise gain (a LayerNorm scale) has ``g_i = x_i ⊙ δ_i`` summed over b
 axes. Other elementwise and convolution operands get exact per-example gradients for
 that parameter alone, from the vector-Jacobian product of the operation that uses it
 (small for those parameters), as do parameters no rule covers (used in several places,
-transformed before use, closed over by a ``scan`` body, anything else), which
-``method="ghost"`` names in a warning. ``RULES`` lists the rules in the order they are
-tried. A ``scan`` over stacked parameters is opened (``interpreter``): a slice used in
-the body by a rule gets its statistics per iteration, and the stacked leaf's are their
-sums, ``‖g_i‖² = Σ_l ‖g_{i,l}‖²`` (``Use.loops``).
+transformed before use, anything else), which ``method="ghost"`` names in a warning.
+``RULES`` lists the rules in the order they are tried. A ``scan`` over stacked
+parameters is opened (``interpreter``): a slice used in the body by a rule gets its
+statistics per iteration, and the stacked leaf's are their sums,
+``‖g_i‖² = Σ_l ‖g_{i,l}‖²`` (``Use.loops``). A leaf the body closes over (tied: a
+recurrent cell, a block repeated by ``fori_loop``) has ``g_i = Σ_l g_{i,l}``: a dense
+leaf's rows of all iterations form one product ``xmᵀ dm`` (``Rule.matrices``), a bias's
+or gain's per-iteration gradients are summed.
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are at hand is centred exactly instead, and so is a ghost leaf
@@ -47,7 +50,7 @@ import jax.numpy as jnp
 
 from jaxgen._ghost.interpreter import Interpreter, Use
 from jaxgen._ghost.materialise import LeafStats, centred, centred_in_chunks, materialise
-from jaxgen._ghost.rules import Plan, accumulator, make_plan
+from jaxgen._ghost.rules import Plan, accumulator, make_plan, product_sq_norm, rows_centred_m2
 from jaxgen._per_example import DispersionStats
 from jaxgen._sums import pairwise_sum
 from jaxgen._types import LossFn, PyTree
@@ -148,34 +151,46 @@ def _fast_leaf(
     ``in_chunks()`` from per-example gradients."""
     (x,) = backward.captured[u]
     (delta,) = backward.deltas[u]
+    size, iterations = x.shape[0], math.prod(use.loops)
     if use.loops:  # an opened scan: one row per example and iteration
-        size, iterations = x.shape[0], math.prod(use.loops)
         x = x.reshape(size * iterations, *x.shape[1 + len(use.loops) :])
         delta = delta.reshape(size * iterations, *delta.shape[1 + len(use.loops) :])
     if use.rule.grads is not None:  # centred on their own mean: the operand's layout
         grads = use.rule.grads(use, x, delta)
-        grads = grads.reshape(size, -1) if use.loops else grads
+        if use.loops:  # a tied leaf's gradient is the sum over iterations, a stacked one's
+            grads = grads.reshape(size, iterations, *grads.shape[1:])  # the stack of slices
+            grads = jnp.sum(grads, axis=1) if use.tied else grads.reshape(size, -1)
         own_mean = pairwise_sum(grads) / grads.shape[0]
         return centred(grads, own_mean), own_mean
-    norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(x, delta)
-    if use.loops:  # the slices partition the leaf: their squared norms add up
-        norms = jnp.sum(norms.reshape(size, iterations), axis=1)
+    exact = in_chunks
+    if use.loops and use.tied:  # every iteration's rows in one product xmᵀ dm
+        xm, dm = jax.vmap(functools.partial(use.rule.matrices, use))(x, delta)
+        xm = xm.reshape(size, iterations * xm.shape[1], xm.shape[2])
+        dm = dm.reshape(size, iterations * dm.shape[1], dm.shape[2])
+        norms = jax.vmap(product_sq_norm)(xm, dm)
+
+        def exact():
+            return LeafStats(norms, rows_centred_m2(xm, dm).astype(norms.dtype))
+
+    else:
+        norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(x, delta)
+        if use.loops:  # the slices partition the leaf: their squared norms add up
+            norms = jnp.sum(norms.reshape(size, iterations), axis=1)
+        if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
+
+            def exact():
+                if use.loops:  # iteration by iteration: each slice centred on its own mean
+                    per_iteration = (jnp.swapaxes(a.reshape(size, iterations, *a.shape[1:]), 0, 1)
+                                     for a in (x, delta))  # fmt: skip
+                    m2 = jax.lax.map(lambda xd: use.rule.centred_m2(use, *xd), tuple(per_iteration))
+                    return LeafStats(norms, jnp.sum(m2).astype(norms.dtype))
+                return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(norms.dtype))
+
     dtype = norms.dtype
     total = jnp.sum(norms)
     m2 = total - norms.shape[0] * jnp.sum(jnp.square(mean.astype(dtype)))
     ghost = LeafStats(norms, jnp.maximum(m2, 0.0))
     cancels = m2 < CANCELLATION_EPS * jnp.finfo(dtype).eps * total
-    exact = in_chunks
-    if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
-
-        def exact():
-            if use.loops:  # iteration by iteration: each slice centred on its own mean
-                per_iteration = (jnp.swapaxes(a.reshape(size, iterations, *a.shape[1:]), 0, 1)
-                                 for a in (x, delta))  # fmt: skip
-                m2 = jax.lax.map(lambda xd: use.rule.centred_m2(use, *xd), tuple(per_iteration))
-                return LeafStats(norms, jnp.sum(m2).astype(dtype))
-            return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(dtype))
-
     return jax.lax.cond(cancels, exact, lambda: ghost), None
 
 

@@ -6,18 +6,21 @@ both is a *use* (``Use``): the places where ghost norms read an example operand 
 through a zero probe added to the output, the output gradient ``δ``. Plain calls
 (``jit`` and the like) are inlined so that the uses inside them are seen.
 
-A ``scan`` whose parameter operands are all scanned inputs (stacked weights, one slice
-per iteration: ``lax.scan`` over layers, flax ``nn.scan``, equinox stacks) is *opened*:
-its body is interpreted inside a ``lax.scan`` again, with each use's probes as scanned
-inputs and its example operands as scanned outputs, so a use in the body is seen once
-per iteration (``Use.loops``) and a stacked leaf's per-example gradient is the stack of
-its slices' gradients. The planner closes (treats as one opaque use) any scan whose
-uses would not all get a ghost rule.
+A ``scan`` whose parameter operands are scanned inputs (stacked weights, one slice per
+iteration: ``lax.scan`` over layers, flax ``nn.scan``, equinox stacks) or constants (the
+same weight at every iteration: a recurrent cell, ``fori_loop`` over a block), each a pure
+view of one leaf, is *opened*: its body is interpreted inside a ``lax.scan`` again, with
+each use's probes as scanned inputs and its example operands as scanned outputs, so a use
+in the body is seen once per iteration (``Use.loops``). A stacked leaf's per-example
+gradient is the stack of its slices' gradients; a tied leaf's is their sum
+(``Use.tied``). The planner closes (treats as one opaque use) any scan whose uses would
+not all get a ghost rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -69,12 +72,28 @@ class Use:
     rule: Any = None  # the rules.Rule that handles it, set when planning
     scans: tuple[Any, ...] = ()  # the opened scan equations around it, outermost first
     operand_is_leaf: bool = False  # the parameter operand is the leaf itself, as passed
+    operand_size: int = 0  # elements of the parameter operand (one iteration's, in a loop)
+    leaf_size: int = 0  # elements of the leaf it is a view of
 
     @property
     def loops(self) -> tuple[int, ...]:
         """Trip counts of the opened scans around the use: its captured operands, output
         gradients and probes carry these leading axes (after the batch axis)."""
         return tuple(scan.params["length"] for scan in self.scans)
+
+    @property
+    def tied(self) -> bool | None:
+        """In opened scans: ``True`` when the parameter operand is the whole leaf at every
+        iteration (closed over by the loops: ``g_i`` is the sum over iterations),
+        ``False`` when it is one slice per iteration (the slices partition the leaf),
+        ``None`` when neither (a slice of an outer loop closed over by an inner one)."""
+        if not self.leaf_size:  # not a pure view of a leaf
+            return None
+        if self.operand_size == self.leaf_size:
+            return True
+        if self.operand_size * math.prod(self.loops) == self.leaf_size:
+            return False
+        return None
 
     @property
     def single_view(self) -> bool:
@@ -174,14 +193,16 @@ class Interpreter:
 
     def _opened(self, eqn, entries: list[Value]):
         """The layout (``_scan_layout``) of a ``scan`` to open, else ``None``. Opened:
-        parameters enter only as scanned inputs, each a pure (bijective) view of one
-        leaf, so its slices partition the leaf, and no carry is parameter-derived."""
+        parameters enter only as scanned inputs (their slices partition the leaf) or
+        constants (tied), each a pure (bijective) view of one leaf, and no carry is
+        parameter-derived."""
         if eqn.primitive.name != "scan" or id(eqn) in self.closed:
             return None
-        fixed = entries[: eqn.params["num_consts"] + eqn.params["num_carry"]]
-        scanned = entries[len(fixed) :]
-        if any(e.kind == PARAM for e in fixed) or not all(
-            isinstance(e.view, int) for e in scanned if e.kind == PARAM
+        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        carries = entries[num_consts : num_consts + num_carry]
+        others = entries[:num_consts] + entries[num_consts + num_carry :]
+        if any(e.kind == PARAM for e in carries) or not all(
+            isinstance(e.view, int) for e in others if e.kind == PARAM
         ):
             return None
         return self._scan_layout(eqn, entries)
@@ -293,7 +314,9 @@ class Interpreter:
         deps = frozenset().union(*(entries[i].leaves for i in params))
         use = Use(eqn, examples, params, deps, view_leaf, avals)
         if view_leaf is not None and view_leaf < len(self.leaf_values):
-            use.operand_is_leaf = entries[params[0]].value is self.leaf_values[view_leaf]
+            operand, leaf = entries[params[0]].value, self.leaf_values[view_leaf]
+            use.operand_is_leaf = operand is leaf
+            use.operand_size, use.leaf_size = jnp.size(operand), jnp.size(leaf)
         self.uses.append(use)
         self.captured.append([entries[i].value for i in examples])
         if self.probes is not None:

@@ -28,7 +28,10 @@ class Rule:
     from the batched operands and output gradients. A rule with neither
     materialises ``g_i`` from the equation's VJP; ``warn`` names such leaves in the
     warning of ``method="ghost"``. ``centred_m2(use, x, delta)`` (batched), where given,
-    is the exact ``Σ_i ‖g_i − ḡ‖²`` used when the ghost difference cancels. With
+    is the exact ``Σ_i ‖g_i − ḡ‖²`` used when the ghost difference cancels.
+    ``matrices(use, x, delta)``, where given, writes one example's ``g_i`` as ``xmᵀ dm``
+    of row matrices, so that a tied use in a loop (``Use.tied``) stacks the iterations'
+    rows into one product. With
     ``own_mean``, a leaf that is itself the operand (no view, outside loops) takes ``ḡ``
     from its ``grads``, and the backward pass does not form it (for convolution kernels,
     XLA's kernel-gradient convolution is not run).
@@ -40,6 +43,7 @@ class Rule:
     centred_m2: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
     warn: bool = False
     own_mean: bool = False
+    matrices: Callable[[Use, jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
     @property
     def fast(self) -> bool:
@@ -83,7 +87,12 @@ def dense_centred_m2(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     """``Σ_i ‖g_i − ḡ‖²`` for a dense leaf, exactly: residuals formed a column block of
     the leaf at a time (at most ``BLOCK_ELEMENTS`` numbers for the whole batch), centred
     on the block's mean over the batch, so memory stays far below one leaf."""
-    xm, dm = jax.vmap(functools.partial(dense_matrices, use))(x, delta)
+    return rows_centred_m2(*jax.vmap(functools.partial(dense_matrices, use))(x, delta))
+
+
+def rows_centred_m2(xm: jax.Array, dm: jax.Array) -> jax.Array:
+    """``Σ_i ‖xm_iᵀ dm_i − ḡ‖²`` for batched row matrices ``xm (b, T, K)``, ``dm (b, T, N)``
+    (see ``dense_centred_m2``)."""
     dtype = accumulator(xm, dm)
     xm, dm = xm.astype(dtype), dm.astype(dtype)
     size, k, n = xm.shape[0], xm.shape[2], dm.shape[2]
@@ -284,7 +293,9 @@ def conv_kernel_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
 QUIETLY_MATERIALISED = ("add", "add_any", "sub", "mul", "conv_general_dilated")
 
 RULES: dict[str, Rule] = {
-    "dense": Rule(is_dense, sq_norms=dense_sq_norm, centred_m2=dense_centred_m2),
+    "dense": Rule(
+        is_dense, sq_norms=dense_sq_norm, centred_m2=dense_centred_m2, matrices=dense_matrices
+    ),
     "embedding": Rule(is_embedding, sq_norms=embedding_sq_norm),
     "bias": Rule(is_bias, grads=bias_grads),
     "gain": Rule(is_gain, grads=gain_grads),
@@ -335,13 +346,17 @@ def make_plan(jaxpr, consts, leaves, example_leaves) -> Plan:
 
 def _covered_in_scan(use: Use, plan: Plan) -> bool:
     """A use in an opened scan is covered when its leaf is a fast leaf (used there once)
-    whose rule needs no pullback: per-example ``grads``, or ``sq_norms`` with an exact
-    ``centred_m2``; the statistics of the iterations' slices then add up."""
-    if len(use.leaves) != 1:
+    whose rule needs no pullback: per-example ``grads`` (summed over the iterations of a
+    tied leaf), or, for a stacked leaf, ``sq_norms`` with an exact ``centred_m2`` (the
+    statistics of its slices add up), or, for a tied leaf, row ``matrices`` (stacked
+    over the iterations into one product)."""
+    if len(use.leaves) != 1 or use.tied is None:
         return False
     (leaf,) = use.leaves
-    fast = leaf in plan.fast and plan.uses[plan.fast[leaf]] is use
-    return fast and (use.rule.grads is not None or use.rule.centred_m2 is not None)
+    if leaf not in plan.fast or plan.uses[plan.fast[leaf]] is not use:
+        return False
+    exact = use.rule.matrices if use.tied else use.rule.centred_m2
+    return use.rule.grads is not None or exact is not None
 
 
 def _plan(jaxpr, consts, leaves, example_leaves, closed: frozenset[int]) -> Plan:
