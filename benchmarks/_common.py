@@ -317,6 +317,34 @@ def scanned_transformer(key: jax.Array, layers=4, vocab=1000, width=128, length=
     return params, loss_fn, make_batch
 
 
+def recurrent(key: jax.Array, width=128, length=32, classes=10):
+    """An Elman RNN, ``h_{t+1} = tanh(h_t W_h + x_t W_x + b)`` over ``length`` steps,
+    written as ``lax.scan`` closing over its weights (the same cell at every step)."""
+    keys = jax.random.split(key, 3)
+    params = {
+        "wh": jax.random.normal(keys[0], (width, width)) / jnp.sqrt(width),
+        "wx": jax.random.normal(keys[1], (width, width)) / jnp.sqrt(width),
+        "b": jnp.zeros(width),
+        "head": jax.random.normal(keys[2], (width, classes)) / jnp.sqrt(width),
+    }
+
+    def loss_fn(params, example):
+        def step(h, x):
+            return jnp.tanh(h @ params["wh"] + x @ params["wx"] + params["b"]), None
+
+        h, _ = jax.lax.scan(step, jnp.zeros(width), example["x"])
+        return cross_entropy(h @ params["head"], example["y"])
+
+    def make_batch(key, size):
+        kx, ky = jax.random.split(key)
+        return {
+            "x": jax.random.normal(kx, (size, length, width)),
+            "y": jax.random.randint(ky, (size,), 0, classes),
+        }
+
+    return params, loss_fn, make_batch
+
+
 def torch_device() -> str:
     """Where the PyTorch peers run: ``"cuda"`` when JAX runs on a GPU and PyTorch sees
     one (both frameworks on the same chip), else ``"cpu"`` with 2 threads."""

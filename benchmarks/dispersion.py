@@ -30,6 +30,7 @@ from _common import (
     mean_loss,
     mlp,
     peak_bytes,
+    recurrent,
     save,
     scanned_stack,
     scanned_transformer,
@@ -51,6 +52,7 @@ MODELS = {
     "MLP under checkpoint": checkpointed_mlp,
     "Scanned stack 4x128": scanned_stack,
     "Scanned transformer 4 blocks": scanned_transformer,
+    "RNN cell over 32 steps": recurrent,
 }
 
 
