@@ -207,11 +207,13 @@ def gradient_dispersion(
     - ``"ghost"``: one forward and one backward pass, no per-example gradient is
       materialised for dense layers (``‖g_i‖² = ‖x_i‖²‖δ_i‖²``, Gram form on sequences)
       or embeddings (any gather mode: out-of-range ids count as JAX's gradient counts
-      them); biases, gains, convolution kernels and parameters no rule covers (tied,
-      transformed before use, used inside ``scan``, a batched ``dot_general`` or a
+      them); biases, gains, convolution kernels and parameters no rule covers (used in
+      several places, transformed before use, a batched ``dot_general`` or a
       ``custom_vjp``) get exact per-example gradients for that parameter alone, with a
       warning naming the latter. Calls are inlined; ``jax.checkpoint`` blocks are
-      followed inside and stay rematerialised. The
+      followed inside and stay rematerialised; a ``scan`` over stacked layers or closing
+      over its weights (a recurrent cell, ``fori_loop`` over a block) is opened, each
+      slice or each shared weight getting its rule (``jaxgen._ghost``). The
       dispersion is ``Σ_i ‖g_i‖² − b‖ḡ‖²`` per layer, in the parameters' precision or
       float32 if wider; where that difference would cancel all but ``1e5·eps`` of
       ``Σ_i ‖g_i‖²`` (the mean gradient dominating), the layer is recomputed exactly
@@ -223,9 +225,10 @@ def gradient_dispersion(
       sums squared residuals about the batch gradient (computed first, one cheap pass),
       so it stays accurate in float32 however much ``‖ḡ‖`` dominates.
     - ``"auto"``: ``"ghost"``, silently falling back per parameter; ``"vmap"`` for the
-      whole call when a parameter's exact path would run a loop (``scan``, ``while``)
-      per example, which costs more than ``"vmap"`` (a scanned 4×128 stack: 5.5×
-      against 2.5× a gradient), or when the interpreter cannot follow the program.
+      whole call when a parameter's exact path would run a loop (a ``scan`` it cannot
+      open) per example, which costs more than ``"vmap"`` (a scanned 4×128 stack, before
+      scans were opened: 5.5× against 2.5× a gradient), or when the interpreter cannot
+      follow the program.
 
     Args:
       loss_fn: per-example loss ``loss_fn(params, example) -> scalar``, a pure function
