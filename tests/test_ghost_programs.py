@@ -5,6 +5,7 @@ the numbers of a float64 ``vmap(grad)`` oracle (never a traceback), and ``"ghost
 warn exactly when it materialises a parameter no rule covers.
 """
 
+import functools
 import warnings
 
 import equinox as eqx
@@ -548,3 +549,19 @@ def test_tied_layers_are_exact_when_the_mean_gradient_dominates():
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+
+
+def test_a_convolution_repeated_by_a_loop_sums_its_kernel_gradients():
+    params = {"kernel": _normal(82, 3, 3, 2, 2) / 3, "out": _normal(83, 2, H)}
+    batch = {"x": _normal(84, B, 1, 6, 6, 2), "y": BATCH["y"]}
+
+    def loss(p, z):
+        conv = functools.partial(
+            jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
+        h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(conv(h, p["kernel"])), z["x"])
+        return _xent(h.mean((0, 1, 2)) @ p["out"], z["y"])
+
+    _check(loss, params, batch, warns=False, rtol=5e-4)
+    assert _rules_used(loss, params, batch) == {"conv", "dense"}
