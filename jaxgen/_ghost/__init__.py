@@ -105,9 +105,7 @@ def _discover(traced: _Traced, leaves: list, one_example: list) -> Plan:
 
 
 def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -> _Backward:
-    size = example_leaves[0].shape[0]
-
-    own_mean = plan.own_mean
+    size, own_mean = example_leaves[0].shape[0], plan.own_mean
 
     def per_example(leaves, example_leaves, probes):
         leaves = [jax.lax.stop_gradient(x) if i in own_mean else x for i, x in enumerate(leaves)]

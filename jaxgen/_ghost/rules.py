@@ -31,10 +31,9 @@ class Rule:
     is the exact ``Σ_i ‖g_i − ḡ‖²`` used when the ghost difference cancels.
     ``matrices(use, x, delta)``, where given, writes one example's ``g_i`` as ``xmᵀ dm``
     of row matrices, so that a tied use in a loop (``Use.tied``) stacks the iterations'
-    rows into one product. With
-    ``own_mean``, a leaf that is itself the operand (no view, outside loops) takes ``ḡ``
-    from its ``grads``, and the backward pass does not form it (for convolution kernels,
-    XLA's kernel-gradient convolution is not run).
+    rows into one product. With ``own_mean``, a leaf that is itself the operand (no view,
+    outside loops) takes ``ḡ`` from its ``grads``, and the backward pass does not form it
+    (for convolution kernels, XLA's kernel-gradient convolution is not run).
     """
 
     matches: Callable[[Use], bool]
