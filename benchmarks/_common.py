@@ -94,6 +94,20 @@ def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
     return -jax.nn.log_softmax(logits)[label]
 
 
+def gaussian_batch(shape: tuple[int, ...], classes: int):
+    """``make_batch(key, size)``: ``size`` standard normal inputs of ``shape`` and labels
+    uniform in ``0..classes-1``."""
+
+    def make_batch(key, size):
+        kx, ky = jax.random.split(key)
+        return {
+            "x": jax.random.normal(kx, (size, *shape)),
+            "y": jax.random.randint(ky, (size,), 0, classes),
+        }
+
+    return make_batch
+
+
 def mlp(key: jax.Array, sizes=(784, 1024, 1024, 10)):
     """The MLP 784-1024-1024-10 of the performance targets: (params, loss_fn, make_batch)."""
     keys = jax.random.split(key, len(sizes))
@@ -108,14 +122,7 @@ def mlp(key: jax.Array, sizes=(784, 1024, 1024, 10)):
             x = jax.nn.relu(x @ layer["w"] + layer["b"])
         return cross_entropy(x @ params[-1]["w"] + params[-1]["b"], example["y"])
 
-    def make_batch(key, size):
-        kx, ky = jax.random.split(key)
-        return {
-            "x": jax.random.normal(kx, (size, sizes[0])),
-            "y": jax.random.randint(ky, (size,), 0, sizes[-1]),
-        }
-
-    return params, loss_fn, make_batch
+    return params, loss_fn, gaussian_batch((sizes[0],), sizes[-1])
 
 
 def cnn(key: jax.Array):
@@ -146,14 +153,7 @@ def cnn(key: jax.Array):
         x = pool(conv(x, params["conv2"], params["b2"]))
         return cross_entropy(x.reshape(-1) @ params["dense"] + params["b3"], example["y"])
 
-    def make_batch(key, size):
-        kx, ky = jax.random.split(key)
-        return {
-            "x": jax.random.normal(kx, (size, 32, 32, 3)),
-            "y": jax.random.randint(ky, (size,), 0, 10),
-        }
-
-    return params, loss_fn, make_batch
+    return params, loss_fn, gaussian_batch((32, 32, 3), 10)
 
 
 def strided_cnn(key: jax.Array):
@@ -216,14 +216,7 @@ def scanned_stack(key: jax.Array, layers=4, width=128, length=16, classes=10):
         h, _ = jax.lax.scan(block, example["x"], params["stack"])
         return cross_entropy(h.mean(0) @ params["head"], example["y"])
 
-    def make_batch(key, size):
-        kx, ky = jax.random.split(key)
-        return {
-            "x": jax.random.normal(kx, (size, length, width)),
-            "y": jax.random.randint(ky, (size,), 0, classes),
-        }
-
-    return params, loss_fn, make_batch
+    return params, loss_fn, gaussian_batch((length, width), classes)
 
 
 def mean_loss(loss_fn):
@@ -335,14 +328,7 @@ def recurrent(key: jax.Array, width=128, length=32, classes=10):
         h, _ = jax.lax.scan(step, jnp.zeros(width), example["x"])
         return cross_entropy(h @ params["head"], example["y"])
 
-    def make_batch(key, size):
-        kx, ky = jax.random.split(key)
-        return {
-            "x": jax.random.normal(kx, (size, length, width)),
-            "y": jax.random.randint(ky, (size,), 0, classes),
-        }
-
-    return params, loss_fn, make_batch
+    return params, loss_fn, gaussian_batch((length, width), classes)
 
 
 def torch_device() -> str:
