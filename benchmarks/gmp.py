@@ -148,8 +148,8 @@ def main() -> None:
         for label in ("one gradient", "P normals", "P normals, jax.random.normal"):
             results.append((label, medians[label], erm, None, None))
         for k in (3, 10):
-            results.append((f"floor k={k}: {k + 1} gradients + {k}·P normals", floor(k), erm))
-            results[-1] += (None, None)
+            label = f"floor k={k}: {k + 1} gradients + {k}·P normals"
+            results.append((label, floor(k), erm, None, None))
         torch_rows = _torch_rows(name, size, repeats)
         # PyTorch rows are relative to PyTorch's own ERM step.
         results += [(label, s, torch_rows[0][1], None, None) for label, s in torch_rows]
