@@ -75,7 +75,7 @@ def convolves(jaxpr: jcore.Jaxpr) -> bool:
 def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
     """Whether ``fn(*args)`` belongs in straight-line code rather than a loop body: on a
     CPU backend, when its program has a convolution (XLA:CPU runs those about 40× slower
-    inside loops: ``benchmarks/hessian.py``; 23× for GMP's gradients of a small CNN)."""
+    inside loops: ``benchmarks/hessian.py``)."""
     if jax.default_backend() != "cpu":
         return False
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)

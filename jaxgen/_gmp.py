@@ -77,7 +77,7 @@ def gmp(
         gradients; fastest on accelerators); ``"sequential"`` evaluates them one at a
         time in a ``lax.scan`` (memory for one; fastest on a CPU), unrolled into
         straight-line code when the gradient has a convolution and the backend is a CPU
-        (XLA:CPU runs convolutions ~20× slower inside loops; XLA then keeps the ``k``
+        (XLA:CPU runs convolutions far slower inside loops; XLA then keeps the ``k``
         gradients alive until they are summed); ``"auto"`` (default) picks the faster
         mode for the backend. All draw the same ``Δ_j`` for the same key.
       perturbation_sharding: with ``mode="vmap"``, a sharding of the ``k``

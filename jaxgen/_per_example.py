@@ -86,7 +86,7 @@ def _residual_sums(loss_fn: LossFn, params: PyTree, chunk: PyTree, shift: PyTree
     inside the ``vmap``, example by example, where XLA reduces each gradient in the
     layout it is made in; taken afterwards over the batched gradients, a leaf stacked
     by a ``scan`` comes out (layer, example)-major and XLA:CPU transposed a copy of it
-    for every reduction (3× the time of the per-example gradients themselves)."""
+    for every reduction (a scanned 4×128 stack: 21 → 14 ms, ``benchmarks/dispersion.py``)."""
 
     def one_example(example):
         grads = jax.grad(loss_fn)(params, example)
