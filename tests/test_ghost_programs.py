@@ -425,6 +425,42 @@ def test_scans_over_stacked_layers_get_ghost_norms_per_layer(name):
     assert _rules_used(loss, params, SEQUENCE) == {"dense", "bias", "gain"}
 
 
+@pytest.mark.parametrize("name", ["stacked blocks", "a scan in a scan"])
+def test_uses_in_scans_give_their_statistics_from_the_backward_pass(name):
+    """A tapped use (in an opened scan) captures nothing, and the gradient of its probe
+    is the ‖g_i‖² or g_i per example and iteration that its captured operand and δ give
+    (the backward pass with ``tapped=False`` captures them)."""
+    stack = _stack(51, 4)
+    if name == "a scan in a scan":
+        stack = jax.tree_util.tree_map(lambda a: a.reshape(2, 2, *a.shape[1:]), stack)
+    params, loss = {"stack": stack, "out": _normal(55, D, H)}, OPENED_SCANS[name]
+    leaves, examples = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(SEQUENCE)
+    traced = ghost_module._trace(loss, params, SEQUENCE)
+    one = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in examples]
+    plan = ghost_module._discover(traced, leaves, one)
+    tapped = ghost_module._backward(traced, plan, leaves, examples)
+    captured = ghost_module._backward(traced, plan, leaves, examples, tapped=False)
+    checked = 0
+    for u in plan.fast.values():
+        use = plan.uses[u]
+        if not use.loops:
+            assert tapped.stats[u] is None
+            continue
+        assert tapped.captured[u] == [] and tapped.deltas[u] == []
+        (x,), (delta,) = captured.captured[u], captured.deltas[u]
+        statistic = ghost_module._tap(use).statistic
+        for _ in range(len(use.loops) + 1):  # loop axes, then the batch axis
+            statistic = jax.vmap(statistic)
+        want = statistic([x], delta)
+        assert tapped.stats[u].shape == want.shape and want.shape[: len(use.loops) + 1] == (
+            *use.loops,
+            B,
+        )
+        np.testing.assert_allclose(tapped.stats[u], want, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == 4  # scale, up, b, down
+
+
 def test_a_counter_carry_and_a_zero_state_that_becomes_example_data():
     """The carries start as constants; the state mixes with the example in the body."""
     params = {"w": _normal(56, 3, D, D) / 2, "out": _normal(57, D, H)}

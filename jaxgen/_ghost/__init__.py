@@ -29,7 +29,12 @@ statistics per iteration, and the stacked leaf's are their sums,
 ``‖g_i‖² = Σ_l ‖g_{i,l}‖²`` (``Use.loops``). A leaf the body closes over (tied: a
 recurrent cell, a block repeated by ``fori_loop``) has ``g_i = Σ_l g_{i,l}``: a dense
 leaf's rows of all iterations form one product ``xmᵀ dm`` (``Rule.matrices``), a bias's
-or gain's per-iteration gradients are summed.
+or gain's per-iteration gradients are summed. In an opened scan a fast use is *tapped*
+(``_tap``): its statistic (``‖g_i‖²`` or ``g_i``) is the gradient of a probe of that
+shape, computed by a ``custom_vjp`` in the backward pass from the operand it saves and
+``δ_i``, so the loop does not stack operands and ``δ`` as extra outputs (on a scanned
+4-block transformer that stacking cost more than the norms); the exact path reruns the
+backward pass with captures (``_backward(tapped=False)``) only when it is taken.
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are at hand is centred exactly instead, and so is a ghost leaf
@@ -48,7 +53,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxgen._ghost.interpreter import Interpreter, Use
+from jaxgen._ghost.interpreter import Interpreter, Tap, Use
 from jaxgen._ghost.materialise import LeafStats, centred, centred_in_chunks, materialise
 from jaxgen._ghost.rules import Plan, accumulator, make_plan, product_sq_norm, rows_centred_m2
 from jaxgen._per_example import DispersionStats
@@ -70,12 +75,15 @@ class _Traced(NamedTuple):
 
 
 class _Backward(NamedTuple):
-    """What the one backward pass with probes gives."""
+    """What the one backward pass with probes gives. A tapped use (``_tap``) has its
+    statistic in ``stats`` and nothing in ``captured`` and ``deltas``; every other use the
+    other way round."""
 
     losses: jax.Array  # (b,)
     mean_grad: list  # ḡ per leaf
     captured: list  # per use: the example operands, batched
     deltas: list  # per use: the output gradients δ_i, batched
+    stats: list  # per use: the batched statistic of its Tap, or None
 
 
 def _trace(loss_fn: LossFn, params: PyTree, batch: PyTree) -> _Traced:
@@ -104,32 +112,77 @@ def _discover(traced: _Traced, leaves: list, one_example: list) -> Plan:
     return plans[0]
 
 
-def _backward(traced: _Traced, plan: Plan, leaves: list, example_leaves: list) -> _Backward:
+def _tap(use: Use) -> Tap | None:
+    """The statistic a fast leaf's use in an opened scan computes inside the backward
+    pass: ``‖g_i‖²`` (``sq_norms``) or ``g_i`` (``grads``) per example and iteration,
+    read where ``δ_i`` is made, so neither ``δ`` nor the operand is stacked as an extra
+    output of the loops (outside loops both are values the backward pass holds anyway:
+    the use captures them). ``None`` also for tied dense rows (``Rule.matrices``) and
+    convolution kernels (``Rule.own_mean``). The caller taps only fast leaves' uses."""
+    rule = use.rule
+    if not use.loops or rule.own_mean:
+        return None
+    if rule.grads is not None:
+        grads = rule.grads
+
+        def statistic(operands, delta):
+            x = operands[0][None] if operands else None
+            return grads(use, x, delta[None])[0]
+
+    elif rule.sq_norms is not None and not (use.loops and use.tied):
+        sq_norms = rule.sq_norms
+
+        def statistic(operands, delta):
+            return sq_norms(use, operands[0], delta)
+
+    else:
+        return None
+    return Tap(statistic, rule.reads_operand)
+
+
+def _probe(use: Use, tap: Tap | None, size: int):
+    """Zeros added to a use's outputs (with the batch axis after the loop axes), or the
+    zero of its ``tap``'s statistic."""
+    if tap is None:
+        return [
+            None if a is None else jnp.zeros((*use.loops, size, *a.shape), a.dtype)
+            for a in use.probe_avals
+        ]
+    operands = [use.eqn.invars[i].aval for i in use.example_positions]
+    stat = jax.eval_shape(tap.statistic, operands, use.probe_avals[0])
+    return jnp.zeros((*use.loops, size, *stat.shape), stat.dtype)
+
+
+def _backward(
+    traced: _Traced, plan: Plan, leaves: list, example_leaves: list, tapped: bool = True
+) -> _Backward:
+    """The backward pass with probes; ``tapped=False``: every use captures (``_tap``)."""
     size, own_mean = example_leaves[0].shape[0], plan.own_mean
+    fast = set(plan.fast.values()) if tapped else set()
+    taps = [_tap(use) if u in fast else None for u, use in enumerate(plan.uses)]
 
     def per_example(leaves, example_leaves, probes):
         leaves = [jax.lax.stop_gradient(x) if i in own_mean else x for i, x in enumerate(leaves)]
-        interpreter = Interpreter(probes, plan.closed)
+        interpreter = Interpreter(probes, plan.closed, taps)
         outs = interpreter.run(traced.jaxpr, traced.consts, leaves, example_leaves)
         return outs[0].value, interpreter.captured
 
+    # A use in opened scans has its batch axis after the loop axes, where the batched
+    # scan takes and gives it: its probes, captures and δs are not transposed.
+    axes = [len(use.loops) for use in plan.uses]
+
     def summed(leaves, probes):
-        losses, captured = jax.vmap(per_example, in_axes=(None, 0, 0))(
-            leaves, example_leaves, probes
-        )
+        batched = jax.vmap(per_example, in_axes=(None, 0, axes), out_axes=(0, axes))
+        losses, captured = batched(leaves, example_leaves, probes)
         return jnp.sum(losses), (losses, captured)
 
-    probes = [
-        [
-            None if a is None else jnp.zeros((size, *use.loops, *a.shape), a.dtype)
-            for a in use.probe_avals
-        ]
-        for use in plan.uses
-    ]
+    probes = [_probe(use, tap, size) for use, tap in zip(plan.uses, taps, strict=True)]
     (grad_sum, deltas), (losses, captured) = jax.grad(summed, argnums=(0, 1), has_aux=True)(
         leaves, probes
     )
-    return _Backward(losses, [g / size for g in grad_sum], captured, deltas)
+    stats = [d if tap else None for d, tap in zip(deltas, taps, strict=True)]
+    deltas = [[] if tap else d for d, tap in zip(deltas, taps, strict=True)]
+    return _Backward(losses, [g / size for g in grad_sum], captured, deltas, stats)
 
 
 # A ghost leaf is recomputed exactly when Σ_i‖g_i − ḡ‖² < CANCELLATION · Σ_i‖g_i‖²,
@@ -141,45 +194,65 @@ CANCELLATION_EPS = 1e5
 
 
 def _fast_leaf(
-    use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
+    use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks, recapture
 ) -> tuple[LeafStats, jax.Array | None]:
     """A leaf by its rule, and ``ḡ`` where the rule's per-example ``grads`` give it. When
     the ghost difference would lose digits (``CANCELLATION_EPS``), its statistics are
     recomputed exactly: by the rule's own ``centred_m2`` where it has one, else by
-    ``in_chunks()`` from per-example gradients."""
-    (x,) = backward.captured[u]
-    (delta,) = backward.deltas[u]
-    size, iterations = x.shape[0], math.prod(use.loops)
-    if use.loops:  # an opened scan: one row per example and iteration
-        x = x.reshape(size * iterations, *x.shape[1 + len(use.loops) :])
-        delta = delta.reshape(size * iterations, *delta.shape[1 + len(use.loops) :])
+    ``in_chunks(backward)`` from per-example gradients, from this use's operands and
+    ``δ``: captured, or, for a tapped use, from ``recapture()`` (a backward pass that
+    captures, run only then)."""
+    size, iterations = backward.losses.shape[0], math.prod(use.loops)
+
+    def rows(a):  # in an opened scan: one row per iteration and example (iteration-major)
+        return a.reshape(iterations * size, *a.shape[1 + len(use.loops) :]) if use.loops else a
+
+    def operands(b: _Backward):
+        (x,), (delta,) = b.captured[u], b.deltas[u]
+        return rows(x), rows(delta)
+
+    tapped = backward.stats[u] is not None
     if use.rule.grads is not None:  # centred on their own mean: the operand's layout
-        grads = use.rule.grads(use, x, delta)
+        grads = rows(backward.stats[u]) if tapped else use.rule.grads(use, *operands(backward))
         if use.loops:  # a tied leaf's gradient is the sum over iterations, a stacked one's
-            grads = grads.reshape(size, iterations, *grads.shape[1:])  # the stack of slices
-            grads = jnp.sum(grads, axis=1) if use.tied else grads.reshape(size, -1)
+            grads = grads.reshape(iterations, size, *grads.shape[1:])  # the stack of slices
+            grads = jnp.sum(grads, axis=0) if use.tied else jnp.moveaxis(grads, 0, 1)
+            grads = grads.reshape(size, -1)
         own_mean = pairwise_sum(grads) / grads.shape[0]
         return centred(grads, own_mean), own_mean
-    exact = in_chunks
+
+    def exact_backward() -> _Backward:
+        return recapture() if tapped else backward
+
+    def exact():
+        return in_chunks(exact_backward())
+
     if use.loops and use.tied:  # every iteration's rows in one product xmᵀ dm
-        xm, dm = jax.vmap(functools.partial(use.rule.matrices, use))(x, delta)
-        xm = xm.reshape(size, iterations * xm.shape[1], xm.shape[2])
-        dm = dm.reshape(size, iterations * dm.shape[1], dm.shape[2])
+        xm, dm = jax.vmap(functools.partial(use.rule.matrices, use))(*operands(backward))
+        xm, dm = (
+            jnp.moveaxis(a.reshape(iterations, size, *a.shape[1:]), 0, 1).reshape(
+                size, iterations * a.shape[1], a.shape[2]
+            )
+            for a in (xm, dm)
+        )
         norms = jax.vmap(product_sq_norm)(xm, dm)
 
         def exact():
             return LeafStats(norms, rows_centred_m2(xm, dm).astype(norms.dtype))
 
     else:
-        norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(x, delta)
+        if tapped:
+            norms = rows(backward.stats[u])
+        else:
+            norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(*operands(backward))
         if use.loops:  # the slices partition the leaf: their squared norms add up
-            norms = jnp.sum(norms.reshape(size, iterations), axis=1)
+            norms = jnp.sum(norms.reshape(iterations, size), axis=0)
         if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
 
             def exact():
+                x, delta = operands(exact_backward())
                 if use.loops:  # iteration by iteration: each slice centred on its own mean
-                    per_iteration = (jnp.swapaxes(a.reshape(size, iterations, *a.shape[1:]), 0, 1)
-                                     for a in (x, delta))  # fmt: skip
+                    per_iteration = (a.reshape(iterations, size, *a.shape[1:]) for a in (x, delta))
                     m2 = jax.lax.map(lambda xd: use.rule.centred_m2(use, *xd), tuple(per_iteration))
                     return LeafStats(norms, jnp.sum(m2).astype(norms.dtype))
                 return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(norms.dtype))
@@ -225,17 +298,21 @@ def ghost_dispersion(
         )
     backward = _backward(traced, plan, leaves, example_leaves)
 
-    program = (plan, traced.jaxpr, traced.consts, leaves, backward.captured, backward.deltas)
+    program = (plan, traced.jaxpr, traced.consts, leaves)
+    recapture = functools.partial(_backward, traced, plan, leaves, example_leaves, tapped=False)
     stats = {}
     mean_grad, own = list(backward.mean_grad), plan.own_mean
     for leaf, u in plan.fast.items():
         mean = backward.mean_grad[leaf]
-        in_chunks = functools.partial(centred_in_chunks, *program, leaf, mean)
-        stats[leaf], own_mean = _fast_leaf(plan.uses[u], backward, u, mean, in_chunks)
+
+        def in_chunks(b: _Backward, leaf=leaf, mean=mean):
+            return centred_in_chunks(*program, b.captured, b.deltas, leaf, mean)
+
+        stats[leaf], own_mean = _fast_leaf(plan.uses[u], backward, u, mean, in_chunks, recapture)
         if leaf in own:
             mean_grad[leaf] = own_mean.astype(leaves[leaf].dtype)
     if plan.materialised:
-        grads = materialise(*program, plan.materialised)
+        grads = materialise(*program, backward.captured, backward.deltas, plan.materialised)
         stats |= {leaf: centred(g, backward.mean_grad[leaf]) for leaf, g in grads.items()}
 
     dtype = accumulator(*leaves)

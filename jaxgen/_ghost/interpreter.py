@@ -10,8 +10,9 @@ A ``scan`` whose parameter operands are scanned inputs (stacked weights, one sli
 iteration: ``lax.scan`` over layers, flax ``nn.scan``, equinox stacks) or constants (the
 same weight at every iteration: a recurrent cell, ``fori_loop`` over a block), each a pure
 view of one leaf, is *opened*: its body is interpreted inside a ``lax.scan`` again, with
-each use's probes as scanned inputs and its example operands as scanned outputs, so a use
-in the body is seen once per iteration (``Use.loops``). A stacked leaf's per-example
+each use's probes as scanned inputs and its example operands as scanned outputs (or,
+for a tapped use, nothing: ``Tap``), so a use in the body is seen once per iteration
+(``Use.loops``). A stacked leaf's per-example
 gradient is the stack of its slices' gradients; a tied leaf's is their sum
 (``Use.tied``). The planner closes (treats as one opaque use) any scan whose uses would
 not all get a ghost rule.
@@ -20,6 +21,7 @@ not all get a ghost rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -105,12 +107,15 @@ class Interpreter:
     """Evaluates a per-example jaxpr, tracking which values depend on parameters.
 
     With ``probes`` set, adds ``probes[u]`` to the outputs of use ``u`` and records the
-    example operands of every use in ``captured``.
+    example operands of every use in ``captured``; a use with a statistic in ``taps``
+    (``Tap``) instead passes its output through ``tapped``, so that the gradient with
+    respect to its probe is the statistic, and records nothing.
     """
 
-    def __init__(self, probes=None, closed: frozenset[int] = frozenset()):
+    def __init__(self, probes=None, closed: frozenset[int] = frozenset(), taps=None):
         self.probes = probes
         self.closed = closed  # ids of the scan equations not to open
+        self.taps = taps  # per use: a Tap or None, with probes
         self.leaf_values: list[Any] = []  # the leaves as passed to run(), not views of them
         self.uses: list[Use] = []
         self.derived: set[int] = set()
@@ -175,9 +180,10 @@ class Interpreter:
         layout = discovery._eval(jaxpr, [Value(c, CONST) for c in consts], entries)
         start = len(self.uses)
         probes = self.probes[start : start + len(discovery.uses)]
+        taps = self._taps(start, len(discovery.uses))
 
         def block(values, block_probes):
-            inner = Interpreter(block_probes, self.closed)
+            inner = Interpreter(block_probes, self.closed, taps)
             args = [e._replace(value=v) for e, v in zip(entries, values, strict=True)]
             outs = inner._eval(jaxpr, [Value(c, CONST) for c in consts], args)
             return [o.value for o in outs], inner.captured
@@ -190,6 +196,9 @@ class Interpreter:
         self.derived |= discovery.derived
         self.captured += captured
         return [v._replace(value=x) for v, x in zip(layout, values, strict=True)]
+
+    def _taps(self, start: int, count: int):
+        return None if self.taps is None else self.taps[start : start + count]
 
     def _opened(self, eqn, entries: list[Value]):
         """The layout (``_scan_layout``) of a ``scan`` to open, else ``None``. Opened:
@@ -251,6 +260,7 @@ class Interpreter:
         body = eqn.params["jaxpr"]
         start = len(self.uses)
         probes = None if self.probes is None else self.probes[start : start + len(discovery.uses)]
+        taps = self._taps(start, len(discovery.uses))
         if probes is None:
             values = bind(eqn, [e.value for e in entries])
             captured = discovery.captured
@@ -258,7 +268,7 @@ class Interpreter:
 
             def step(carry_values, scanned):
                 xs_values, iteration_probes = scanned
-                inner = Interpreter(iteration_probes, self.closed)
+                inner = Interpreter(iteration_probes, self.closed, taps)
                 args = self._body_args(eqn, entries, kinds, carry_values, xs_values)
                 results = inner._eval(body.jaxpr, [Value(c, CONST) for c in body.consts], args)
                 values = [r.value for r in results]
@@ -318,12 +328,46 @@ class Interpreter:
             use.operand_is_leaf = operand is leaf
             use.operand_size, use.leaf_size = jnp.size(operand), jnp.size(leaf)
         self.uses.append(use)
-        self.captured.append([entries[i].value for i in examples])
-        if self.probes is not None:
+        operands = [entries[i].value for i in examples]
+        tap = None if self.taps is None else self.taps[use_id]
+        self.captured.append([] if tap else operands)
+        if tap is not None:
+            (out,) = outs
+            outs = [tapped(tap, out, operands if tap.reads_operands else [], self.probes[use_id])]
+        elif self.probes is not None:
             outs = [
                 o if p is None else o + p for o, p in zip(outs, self.probes[use_id], strict=True)
             ]
         return [Value(o, EXAMPLE) for o in outs]
+
+
+class Tap(NamedTuple):
+    """A per-example statistic of a use, ``statistic(operands, delta)`` from the example
+    operands (when ``reads_operands``) and the output gradient ``δ`` of one example."""
+
+    statistic: Any
+    reads_operands: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def tapped(tap: Tap, out, operands, probe):
+    """``out``, unchanged; its VJP gives ``tap.statistic(operands, δ)`` as the gradient
+    with respect to ``probe`` (a zero of the statistic's shape), computed in the backward
+    pass where ``δ`` is made, instead of ``δ`` and the operands leaving it."""
+    del tap, operands, probe
+    return out
+
+
+def _tapped_fwd(tap, out, operands, probe):
+    del tap, probe
+    return out, operands
+
+
+def _tapped_bwd(tap, operands, delta):
+    return delta, None, tap.statistic(operands, delta)
+
+
+tapped.defvjp(_tapped_fwd, _tapped_bwd)
 
 
 def inlinable(eqn):

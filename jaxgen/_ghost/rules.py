@@ -34,6 +34,7 @@ class Rule:
     rows into one product. With ``own_mean``, a leaf that is itself the operand (no view,
     outside loops) takes ``ḡ`` from its ``grads``, and the backward pass does not form it
     (for convolution kernels, XLA's kernel-gradient convolution is not run).
+    ``reads_operand=False``: ``sq_norms``/``grads`` use ``delta`` only (``x`` is ``None``).
     """
 
     matches: Callable[[Use], bool]
@@ -42,6 +43,7 @@ class Rule:
     centred_m2: Callable[[Use, jax.Array, jax.Array], jax.Array] | None = None
     warn: bool = False
     own_mean: bool = False
+    reads_operand: bool = True
     matrices: Callable[[Use, jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
     @property
@@ -296,7 +298,7 @@ RULES: dict[str, Rule] = {
         is_dense, sq_norms=dense_sq_norm, centred_m2=dense_centred_m2, matrices=dense_matrices
     ),
     "embedding": Rule(is_embedding, sq_norms=embedding_sq_norm),
-    "bias": Rule(is_bias, grads=bias_grads),
+    "bias": Rule(is_bias, grads=bias_grads, reads_operand=False),
     "gain": Rule(is_gain, grads=gain_grads),
     "conv": Rule(is_conv_kernel, grads=conv_kernel_grads, own_mean=True),
     # Other elementwise and convolution operands: exact per-example gradients of that
