@@ -139,9 +139,11 @@ def gmp(
             def accumulate(total, sample_key):
                 return optax.tree.add(total, perturbed_grad(sample_key)), None
 
-            zeros = optax.tree.zeros_like(updates)
-            unroll = _chunks.loops_are_slow(grad_fn, params) or 1
-            total, _ = jax.lax.scan(accumulate, zeros, sample_keys, unroll=unroll)
+            # The first perturbed gradient starts the sum: no zeros and no first addition.
+            total = perturbed_grad(sample_keys[0])
+            if num_samples > 1:
+                unroll = _chunks.loops_are_slow(grad_fn, params) or 1
+                total, _ = jax.lax.scan(accumulate, total, sample_keys[1:], unroll=unroll)
             perturbed_mean = jax.tree_util.tree_map(lambda t: t / num_samples, total)
         new_updates = jax.tree_util.tree_map(
             lambda g, p: (1.0 - rho) * g + rho * p.astype(g.dtype), updates, perturbed_mean
