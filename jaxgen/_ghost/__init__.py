@@ -32,9 +32,10 @@ leaf's rows of all iterations form one product ``xmᵀ dm`` (``Rule.matrices``),
 or gain's per-iteration gradients are summed. In an opened scan a fast use is *tapped*
 (``_tap``): its statistic (``‖g_i‖²`` or ``g_i``) is the gradient of a probe of that
 shape, computed by a ``custom_vjp`` in the backward pass from the operand it saves and
-``δ_i``, so the loop does not stack operands and ``δ`` as extra outputs (on a scanned
-4-block transformer that stacking cost more than the norms); the exact path reruns the
-backward pass with captures (``_backward(tapped=False)``) only when it is taken.
+``δ_i``, so the loop does not stack operands and ``δ`` as extra outputs (a scanned
+4-block transformer: 1.38× → 1.08–1.18× a plain gradient, ``benchmarks/README.md``); the
+exact path reruns the backward pass with captures (``_backward(tapped=False)``) only
+when it is taken.
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are at hand is centred exactly instead, and so is a ghost leaf
