@@ -524,6 +524,36 @@ def test_scanned_layers_are_exact_when_the_mean_gradient_dominates():
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
 
 
+def test_a_cancelling_tapped_leaf_beside_one_that_does_not_cancel():
+    """Two stacked leaves in one scan share the exact branch: ``w`` (g_i = x_i δ with
+    x_i = c + ε_i, ‖ḡ‖²/dispersion ~ 1e8) takes its exact statistics, ``v`` keeps its own."""
+    c, spread = 1e3, 0.1
+    params = {"w": jnp.ones((2, D, 1)), "v": _normal(63, 2, D, 3) / 2}
+
+    def loss(p, z):
+        def layer(s, wv):
+            w, v = wv
+            return s + (z["x"] @ w)[0] + jnp.sum(jnp.tanh(z["u"] @ v)), None
+
+        out, _ = jax.lax.scan(layer, 0.0, (p["w"], p["v"]))
+        return out
+
+    batch = {"x": c + spread * _normal(64, B, D), "u": _normal(65, B, D)}
+    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    stats = jaxgen.gradient_dispersion(loss, params, batch)
+    np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
+    np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+    for name in ("w", "v"):
+        with jax.enable_x64(True):
+            grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(
+                jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params),
+                jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), batch),
+            )[name]
+        flat = np.asarray(grads).reshape(B, -1)
+        want = np.sum((flat - flat.mean(0)) ** 2) / B
+        np.testing.assert_allclose(stats.layer_dispersion[name], want, rtol=1e-3)
+
+
 def test_recurrent_cells_closed_over_by_a_scan_are_tied_ghost_leaves():
     """h_{t+1} = tanh(h_t W_h + x_t W_x + b) over a sequence: every step uses the same
     weights, so g_i = Σ_t (rows of step t)ᵀ δ_t, one product over all steps' rows."""

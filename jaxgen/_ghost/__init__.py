@@ -34,8 +34,8 @@ or gain's per-iteration gradients are summed. In an opened scan a fast use is *t
 shape, computed by a ``custom_vjp`` in the backward pass from the operand it saves and
 ``δ_i``, so the loop does not stack operands and ``δ`` as extra outputs (a scanned
 4-block transformer: 1.38× → 1.08–1.18× a plain gradient, ``benchmarks/README.md``); the
-exact path reruns the backward pass with captures (``_backward(tapped=False)``) only
-when it is taken.
+exact path reruns the backward pass with captures (``_backward(tapped=False)``), once for
+all tapped leaves, only when one of them cancels (``_exact_where_cancelling``).
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are at hand is centred exactly instead, and so is a ghost leaf
@@ -194,15 +194,23 @@ def _backward(
 CANCELLATION_EPS = 1e5
 
 
+class _Exact(NamedTuple):
+    """A tapped leaf's way back to exact statistics, taken when its difference cancels:
+    ``stats(b)`` from a backward pass ``b`` that captured its operands and ``δ``."""
+
+    cancels: jax.Array
+    stats: Any
+
+
 def _fast_leaf(
-    use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks, recapture
-) -> tuple[LeafStats, jax.Array | None]:
-    """A leaf by its rule, and ``ḡ`` where the rule's per-example ``grads`` give it. When
-    the ghost difference would lose digits (``CANCELLATION_EPS``), its statistics are
-    recomputed exactly: by the rule's own ``centred_m2`` where it has one, else by
-    ``in_chunks(backward)`` from per-example gradients, from this use's operands and
-    ``δ``: captured, or, for a tapped use, from ``recapture()`` (a backward pass that
-    captures, run only then)."""
+    use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
+) -> tuple[LeafStats, jax.Array | None, _Exact | None]:
+    """A leaf by its rule; ``ḡ`` where the rule's per-example ``grads`` give it; and, for
+    a tapped use, its ``_Exact``. When the ghost difference would lose digits
+    (``CANCELLATION_EPS``), the statistics are recomputed exactly: by the rule's own
+    ``centred_m2`` where it has one, else by ``in_chunks(backward)`` from per-example
+    gradients, from this use's operands and ``δ``; a captured use does so here (in a
+    ``lax.cond``), a tapped one in ``_exact_where_cancelling``."""
     size, iterations = backward.losses.shape[0], math.prod(use.loops)
 
     def rows(a):  # in an opened scan: one row per iteration and example (iteration-major)
@@ -220,14 +228,9 @@ def _fast_leaf(
             grads = jnp.sum(grads, axis=0) if use.tied else jnp.moveaxis(grads, 0, 1)
             grads = grads.reshape(size, -1)
         own_mean = pairwise_sum(grads) / grads.shape[0]
-        return centred(grads, own_mean), own_mean
+        return centred(grads, own_mean), own_mean, None
 
-    def exact_backward() -> _Backward:
-        return recapture() if tapped else backward
-
-    def exact():
-        return in_chunks(exact_backward())
-
+    exact = in_chunks
     if use.loops and use.tied:  # every iteration's rows in one product xmᵀ dm
         xm, dm = jax.vmap(functools.partial(use.rule.matrices, use))(*operands(backward))
         xm, dm = (
@@ -238,7 +241,8 @@ def _fast_leaf(
         )
         norms = jax.vmap(product_sq_norm)(xm, dm)
 
-        def exact():
+        def exact(b):
+            del b
             return LeafStats(norms, rows_centred_m2(xm, dm).astype(norms.dtype))
 
     else:
@@ -250,8 +254,8 @@ def _fast_leaf(
             norms = jnp.sum(norms.reshape(iterations, size), axis=0)
         if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
 
-            def exact():
-                x, delta = operands(exact_backward())
+            def exact(b):
+                x, delta = operands(b)
                 if use.loops:  # iteration by iteration: each slice centred on its own mean
                     per_iteration = (a.reshape(iterations, size, *a.shape[1:]) for a in (x, delta))
                     m2 = jax.lax.map(lambda xd: use.rule.centred_m2(use, *xd), tuple(per_iteration))
@@ -263,7 +267,27 @@ def _fast_leaf(
     m2 = total - norms.shape[0] * jnp.sum(jnp.square(mean.astype(dtype)))
     ghost = LeafStats(norms, jnp.maximum(m2, 0.0))
     cancels = m2 < CANCELLATION_EPS * jnp.finfo(dtype).eps * total
-    return jax.lax.cond(cancels, exact, lambda: ghost), None
+    if tapped:
+        return ghost, None, _Exact(cancels, exact)
+    return jax.lax.cond(cancels, lambda: exact(backward), lambda: ghost), None, None
+
+
+def _exact_where_cancelling(
+    stats: dict[int, LeafStats], exact: dict[int, _Exact], recapture
+) -> dict[int, LeafStats]:
+    """The tapped leaves' statistics, exact where they cancel: one backward pass with
+    captures (``recapture()``) serves them all, inside a ``lax.cond`` taken only when one
+    of them cancels (then every tapped leaf's exact statistics are formed and the
+    cancelling ones kept)."""
+    leaves = sorted(exact)
+
+    def exact_m2s():
+        b = recapture()
+        return [jnp.where(exact[i].cancels, exact[i].stats(b).m2, stats[i].m2) for i in leaves]
+
+    any_cancels = functools.reduce(jnp.logical_or, (exact[i].cancels for i in leaves))
+    m2s = jax.lax.cond(any_cancels, exact_m2s, lambda: [stats[i].m2 for i in leaves])
+    return {i: stats[i]._replace(m2=m2) for i, m2 in zip(leaves, m2s, strict=True)}
 
 
 # Equations whose VJP, taken per example on the exact path, runs a loop: slower than
@@ -301,7 +325,7 @@ def ghost_dispersion(
 
     program = (plan, traced.jaxpr, traced.consts, leaves)
     recapture = functools.partial(_backward, traced, plan, leaves, example_leaves, tapped=False)
-    stats = {}
+    stats, exact = {}, {}
     mean_grad, own = list(backward.mean_grad), plan.own_mean
     for leaf, u in plan.fast.items():
         mean = backward.mean_grad[leaf]
@@ -309,9 +333,12 @@ def ghost_dispersion(
         def in_chunks(b: _Backward, leaf=leaf, mean=mean):
             return centred_in_chunks(*program, b.captured, b.deltas, leaf, mean)
 
-        stats[leaf], own_mean = _fast_leaf(plan.uses[u], backward, u, mean, in_chunks, recapture)
+        stats[leaf], own_mean, exact[leaf] = _fast_leaf(plan.uses[u], backward, u, mean, in_chunks)
         if leaf in own:
             mean_grad[leaf] = own_mean.astype(leaves[leaf].dtype)
+    exact = {leaf: e for leaf, e in exact.items() if e is not None}
+    if exact:
+        stats |= _exact_where_cancelling(stats, exact, recapture)
     if plan.materialised:
         grads = materialise(*program, backward.captured, backward.deltas, plan.materialised)
         stats |= {leaf: centred(g, backward.mean_grad[leaf]) for leaf, g in grads.items()}
