@@ -461,6 +461,20 @@ def test_uses_in_scans_give_their_statistics_from_the_backward_pass(name):
     assert checked == 4  # scale, up, b, down
 
 
+def test_scanned_layers_in_float64_give_float64_results():
+    """Tapped statistics take the parameters' precision too (x64)."""
+    with jax.enable_x64(True):
+        to64 = functools.partial(jax.tree_util.tree_map, lambda a: a.astype(jnp.float64))
+        params = to64({"stack": _stack(51, 4), "out": _normal(55, D, H)})
+        batch = {"x": SEQUENCE["x"].astype(jnp.float64), "y": SEQUENCE["y"]}
+        loss = OPENED_SCANS["stacked blocks"]
+        stats = jaxgen.gradient_dispersion(loss, params, batch, method="ghost")
+        assert stats.dispersion.dtype == stats.sq_norms.dtype == jnp.float64
+        sq_norms, dispersion, _ = _oracle(loss, params, batch)
+        np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-10)
+        np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-10)
+
+
 def test_a_counter_carry_and_a_zero_state_that_becomes_example_data():
     """The carries start as constants; the state mixes with the example in the body."""
     params = {"w": _normal(56, 3, D, D) / 2, "out": _normal(57, D, H)}
