@@ -130,7 +130,7 @@ def _tap(use: Use) -> Tap | None:
             x = operands[0][None] if operands else None
             return grads(use, x, delta[None])[0]
 
-    elif rule.sq_norms is not None and not (use.loops and use.tied):
+    elif rule.sq_norms is not None and not use.tied:
         sq_norms = rule.sq_norms
 
         def statistic(operands, delta):

@@ -12,10 +12,9 @@ same weight at every iteration: a recurrent cell, ``fori_loop`` over a block), e
 view of one leaf, is *opened*: its body is interpreted inside a ``lax.scan`` again, with
 each use's probes as scanned inputs and its example operands as scanned outputs (or,
 for a tapped use, nothing: ``Tap``), so a use in the body is seen once per iteration
-(``Use.loops``). A stacked leaf's per-example
-gradient is the stack of its slices' gradients; a tied leaf's is their sum
-(``Use.tied``). The planner closes (treats as one opaque use) any scan whose uses would
-not all get a ghost rule.
+(``Use.loops``). A stacked leaf's per-example gradient is the stack of its slices'
+gradients; a tied leaf's is their sum (``Use.tied``). The planner closes (treats as one
+opaque use) any scan whose uses would not all get a ghost rule.
 """
 
 from __future__ import annotations
