@@ -79,7 +79,7 @@ class Use:
     @property
     def loops(self) -> tuple[int, ...]:
         """Trip counts of the opened scans around the use: its captured operands, output
-        gradients and probes carry these leading axes (after the batch axis)."""
+        gradients and probes carry these leading axes (before the batch axis)."""
         return tuple(scan.params["length"] for scan in self.scans)
 
     @property
@@ -178,8 +178,7 @@ class Interpreter:
         discovery = self._fresh()
         layout = discovery._eval(jaxpr, [Value(c, CONST) for c in consts], entries)
         start = len(self.uses)
-        probes = self.probes[start : start + len(discovery.uses)]
-        taps = self._taps(start, len(discovery.uses))
+        probes, taps = self._inner(start, len(discovery.uses))
 
         def block(values, block_probes):
             inner = Interpreter(block_probes, self.closed, taps)
@@ -196,8 +195,13 @@ class Interpreter:
         self.captured += captured
         return [v._replace(value=x) for v, x in zip(layout, values, strict=True)]
 
-    def _taps(self, start: int, count: int):
-        return None if self.taps is None else self.taps[start : start + count]
+    def _inner(self, start: int, count: int):
+        """The probes and taps of the ``count`` uses from ``start`` (those of a block or
+        a loop body), or ``(None, None)`` without probes."""
+        if self.probes is None:
+            return None, None
+        end = start + count
+        return self.probes[start:end], None if self.taps is None else self.taps[start:end]
 
     def _opened(self, eqn, entries: list[Value]):
         """The layout (``_scan_layout``) of a ``scan`` to open, else ``None``. Opened:
@@ -258,8 +262,7 @@ class Interpreter:
         num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
         body = eqn.params["jaxpr"]
         start = len(self.uses)
-        probes = None if self.probes is None else self.probes[start : start + len(discovery.uses)]
-        taps = self._taps(start, len(discovery.uses))
+        probes, taps = self._inner(start, len(discovery.uses))
         if probes is None:
             values = bind(eqn, [e.value for e in entries])
             captured = discovery.captured
