@@ -82,25 +82,25 @@ class _ResidualSums(NamedTuple):
 
 
 def _residual_sums(loss_fn: LossFn, params: PyTree, chunk: PyTree, shift: PyTree):
-    """``_ResidualSums`` of ``chunk`` and its ``‖g_i‖²``. The squared norms are taken
-    inside the ``vmap``, example by example, where XLA reduces each gradient in the
+    """``_ResidualSums`` of ``chunk``, its losses and its ``‖g_i‖²``. The squared norms are
+    taken inside the ``vmap``, example by example, where XLA reduces each gradient in the
     layout it is made in; taken afterwards over the batched gradients, a leaf stacked
     by a ``scan`` comes out (layer, example)-major and XLA:CPU transposed a copy of it
     for every reduction (a scanned 4×128 stack: 21 → 14 ms, ``benchmarks/dispersion.py``)."""
 
     def one_example(example):
-        grads = jax.grad(loss_fn)(params, example)
+        loss, grads = jax.value_and_grad(loss_fn)(params, example)
         residuals = optax.tree.sub(grads, shift)
         squares = jax.tree_util.tree_map(lambda r: jnp.sum(jnp.square(r)), residuals)
         norms = [jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)]
-        return residuals, squares, functools.reduce(jnp.add, norms)
+        return residuals, squares, loss, functools.reduce(jnp.add, norms)
 
-    residuals, squares, sq_norms = jax.vmap(one_example)(chunk)
+    residuals, squares, losses, sq_norms = jax.vmap(one_example)(chunk)
     sums = _ResidualSums(
         jax.tree_util.tree_map(pairwise_sum, residuals),
         jax.tree_util.tree_map(jnp.sum, squares),
     )
-    return sums, sq_norms
+    return sums, losses, sq_norms
 
 
 def _split(batch: PyTree, size: int, chunk: int):
@@ -119,30 +119,35 @@ def _split(batch: PyTree, size: int, chunk: int):
 def _dispersion_vmap(loss_fn, params, batch, microbatch_size):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
 
-    # The batch gradient (one cheap pass) is the shift: residuals g_i − shift are then
-    # centred to rounding error, so Σ‖r_i‖² − ‖Σ r_i‖²/b loses nothing to cancellation
-    # however large ‖ḡ‖ is (the shifted-data algorithm; Chan, Golub & LeVeque, 1983).
-    loss, shift = jax.value_and_grad(mean_loss, argnums=1)(loss_fn, params, batch)
+    # The first example's gradient is the shift: residuals g_i − shift are then of the
+    # size of the per-example spread, however large ‖ḡ‖ is, and Σ‖r_i‖² − ‖Σ r_i‖²/b
+    # (= Σ‖g_i − ḡ‖² exactly) loses only what its two terms' ratio costs, about
+    # 1 + ‖g_1 − ḡ‖²/dispersion ulps: the shifted-data algorithm (Chan, Golub & LeVeque,
+    # 1983). One example's gradient costs ~1/b of the batch gradient the shift was before.
+    first = jax.tree_util.tree_map(lambda x: x[0], batch)
+    shift = jax.grad(loss_fn)(params, first)
     if microbatch_size is None or microbatch_size >= size:
-        sums, sq_norms = _residual_sums(loss_fn, params, batch, shift)
+        sums, losses, sq_norms = _residual_sums(loss_fn, params, batch, shift)
     else:
         head, tail = _split(batch, size, microbatch_size)
 
         def body(carry, chunk):
-            sums, norms = _residual_sums(loss_fn, params, chunk, shift)
-            return optax.tree.add(carry, sums), norms
+            sums, losses, norms = _residual_sums(loss_fn, params, chunk, shift)
+            return optax.tree.add(carry, sums), (losses, norms)
 
         zeros = _ResidualSums(
             optax.tree.zeros_like(shift),
             jax.tree_util.tree_map(lambda g: jnp.zeros((), g.dtype), shift),
         )
-        sums, norms = jax.lax.scan(body, zeros, head)
-        norms = [norms.reshape(-1)]
+        sums, (losses, norms) = jax.lax.scan(body, zeros, head)
+        losses, norms = [losses.reshape(-1)], [norms.reshape(-1)]
         if tail is not None:
-            tail_sums, tail_norms = _residual_sums(loss_fn, params, tail, shift)
+            tail_sums, tail_losses, tail_norms = _residual_sums(loss_fn, params, tail, shift)
             sums = optax.tree.add(sums, tail_sums)
+            losses.append(tail_losses)
             norms.append(tail_norms)
-        sq_norms = jnp.concatenate(norms)
+        losses, sq_norms = jnp.concatenate(losses), jnp.concatenate(norms)
+    loss = jnp.mean(losses)
     layer_dispersion = jax.tree_util.tree_map(
         lambda squares, total: jnp.maximum(squares - jnp.sum(jnp.square(total)) / size, 0) / size,
         sums.squares,
@@ -222,8 +227,9 @@ def gradient_dispersion(
       about ``1.6e-4`` (``jaxgen._ghost.CANCELLATION_EPS``). A program the interpreter
       cannot follow is computed with ``"vmap"``, with a warning.
     - ``"vmap"``: materialises per-example gradients (``microbatch_size`` at a time) and
-      sums squared residuals about the batch gradient (computed first, one cheap pass),
-      so it stays accurate in float32 however much ``‖ḡ‖`` dominates.
+      sums squared residuals about the first example's gradient (their sum corrects
+      for the shift), so it stays accurate in float32 however much ``‖ḡ‖`` dominates:
+      the rounding error is about ``1 + ‖g_1 − ḡ‖²/dispersion`` ulps.
     - ``"auto"``: ``"ghost"``, silently falling back per parameter; ``"vmap"`` for the
       whole call when a parameter's exact path would run a loop (a ``scan`` it cannot
       open) per example, which costs more than ``"vmap"`` (a scanned 4×128 stack, before

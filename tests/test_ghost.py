@@ -125,7 +125,7 @@ def test_ghost_holds_no_batch_by_parameters_buffer():
         fn = jax.jit(lambda p, b: jaxgen.gradient_dispersion(loss_fn, p, b, method=method))
         return fn.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes("vmap") >= per_example_bytes  # the oracle does hold one
+    assert temp_bytes("vmap") >= 0.5 * per_example_bytes  # the oracle holds about one
     assert temp_bytes("ghost") < 0.1 * per_example_bytes
 
 

@@ -106,6 +106,26 @@ def test_dispersion_is_sound_in_float32_when_the_mean_dominates(microbatch_size)
     assert abs(float(naive) - reference) > 100 * reference
 
 
+@pytest.mark.parametrize("microbatch_size", [None, 7])
+def test_dispersion_is_sound_when_the_first_example_is_the_outlier(microbatch_size):
+    """The vmap path centres on the first example's gradient: when that example carries
+    nearly all of the spread (‖g_1 − ḡ‖² ≈ b × dispersion) on top of a dominant mean,
+    the result still holds to about b ulps, and the mean gradient to rounding."""
+    noise = np.asarray(jax.random.normal(jax.random.key(4), (64, 50)), np.float64) * 1e-3
+    noise[0] = 1.0
+    stats = jaxgen.gradient_dispersion(
+        _dominant_mean_loss,
+        jnp.zeros(50),
+        jnp.asarray(noise, jnp.float32),
+        method="vmap",
+        microbatch_size=microbatch_size,
+    )
+    grads32 = np.asarray(1.0e4 + np.asarray(noise, np.float32), np.float32).astype(np.float64)
+    np.testing.assert_allclose(stats.dispersion, _reference_dispersion(grads32), rtol=1e-4)
+    np.testing.assert_allclose(stats.grad, grads32.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(stats.sq_norms, np.sum(grads32**2, 1), rtol=1e-6)
+
+
 def test_dispersion_inside_jit_compiles_once(mlp):
     params, batch = mlp
     traces = []
