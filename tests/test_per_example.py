@@ -76,7 +76,9 @@ def test_layer_dispersion_is_per_leaf_and_adds_up(mlp):
 def test_microbatched_equals_full_vmap(mlp, microbatch_size):
     params, batch = mlp
     full = jaxgen.gradient_dispersion(mlp_loss, params, batch, method="vmap")
-    chunked = jaxgen.gradient_dispersion(mlp_loss, params, batch, microbatch_size=microbatch_size)
+    chunked = jaxgen.gradient_dispersion(
+        mlp_loss, params, batch, method="vmap", microbatch_size=microbatch_size
+    )
     chex.assert_trees_all_close(chunked, full, rtol=1e-5, atol=1e-7)
 
 
