@@ -10,7 +10,14 @@ gradient linearized once, applied to each probe, both as straight rows of probes
 XLA:CPU convolution-in-a-loop slowdown). Where PyTorch is installed
 (``pip install -e .[peers]``): its plain backward and PyHessian's Hutchinson step
 (double backward, ``vᵀ H v`` per probe) on the same architecture and batch. Times per
-probe are divided by the plain gradient of the same framework. Prints a table and writes
+probe are divided by the plain gradient of the same framework.
+
+Then Hutch++ against Hutchinson at the same number of products (``--estimator-probes``,
+default 30), at the initial weights and after ``--train-steps`` steps of SGD (lr 0.1) on
+the same batch (the paper takes ``Tr H`` at the final weights): each method's time per
+call and the spread of its estimate over ``--seeds`` keys (it measures the error
+itself, not the reported standard error); their product ``error² × time`` compares the
+error each buys per second. Prints tables and writes
 ``benchmarks/results/hessian.json``.
 """
 
@@ -20,6 +27,7 @@ import argparse
 import functools
 
 import jax
+import numpy as np
 import optax
 from _common import (
     cnn,
@@ -121,10 +129,57 @@ def _torch_rows(name: str, batch_size: int, probes: int, repeats: int):
     return [(label, seconds) for label, seconds in medians.items()]
 
 
+def _sgd_step(loss_fn, lr=0.1):
+    grad = jax.grad(mean_loss(loss_fn))
+    return jax.jit(lambda params, batch: optax.tree.add_scale(params, -lr, grad(params, batch)))
+
+
+def _estimator_rows(name, params, loss_fn, batch, probes: int, seeds: int, repeats: int):
+    """Hutchinson and Hutch++ with ``probes`` products: ms per call, the std of the
+    estimate over ``seeds`` keys, and the mean reported standard error."""
+
+    def estimate(method):
+        def call(params, batch, key):
+            est = jaxgen.hessian_trace(
+                loss_fn, params, batch, key=key, num_probes=probes, method=method
+            )
+            return est.value, est.stderr
+
+        return jax.jit(call)
+
+    methods = {"hutchinson": estimate("hutchinson"), "hutch++": estimate("hutch++")}
+    key = jax.random.key(2)
+    medians = interleaved_medians(
+        {m: (fn, (params, batch, key)) for m, fn in methods.items()},
+        repeats=repeats,
+        block_time=0.0,
+    )
+    rows = []
+    for method, fn in methods.items():
+        draws = [fn(params, batch, jax.random.key(seed)) for seed in range(seeds)]
+        values = np.asarray([float(value) for value, _ in draws])
+        rows.append(
+            {
+                "model": name, "estimator": method, "probes": probes, "seeds": seeds,
+                "ms": 1e3 * medians[method], "mean": float(values.mean()),
+                "std_over_seeds": float(values.std(ddof=1)),
+                "mean_stderr": float(np.mean([float(stderr) for _, stderr in draws])),
+            }
+        )  # fmt: skip
+    for row in rows:
+        row["error2_x_time"] = (row["std_over_seeds"] ** 2 * row["ms"]) / (
+            rows[0]["std_over_seeds"] ** 2 * rows[0]["ms"]
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--probes", type=int, default=20, help="Hutchinson probes per call")
+    parser.add_argument("--estimator-probes", type=int, default=30, help="products, Hutch++ rows")
+    parser.add_argument("--seeds", type=int, default=10, help="keys, Hutch++ rows")
+    parser.add_argument("--train-steps", type=int, default=200, help="SGD steps, Hutch++ rows")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     print(f"machine: {machine()}; {args.probes} probes per call")
@@ -158,6 +213,28 @@ def main() -> None:
             print(f"{name:<24}{'torch plain backward':<40}{1e3 * torch_baseline:>10.2f}{1.0:>8.2f}")
             print(f"{name:<24}{'torch PyHessian (double backward)':<40}"
                   f"{1e3 * per_probe:>10.2f}{ratio:>8.2f}")  # fmt: skip
+    print(f"\nHutch++ against Hutchinson, {args.estimator_probes} products, {args.seeds} keys")
+    header = f"{'model, SGD steps':<34}{'estimator':<12}{'ms':>9}{'mean':>12}{'std/seeds':>11}"
+    print(header + f"{'mean stderr':>12}{'err²×time':>10}")
+    print("-" * (len(header) + 22))
+    for name, (model, batch_size) in MODELS.items():
+        params, loss_fn, make_batch = model(jax.random.key(0))
+        batch = make_batch(jax.random.key(1), batch_size)
+        step = _sgd_step(loss_fn)
+        for steps in (0, args.train_steps):
+            trained = params
+            for _ in range(steps):
+                trained = step(trained, batch)
+            for row in _estimator_rows(
+                name, trained, loss_fn, batch, args.estimator_probes, args.seeds, repeats
+            ):
+                rows.append(row | {"sgd_steps": steps})
+                label = f"{name}, {steps} steps"
+                print(
+                    f"{label:<34}{row['estimator']:<12}{row['ms']:>9.1f}{row['mean']:>12.4g}"
+                    f"{row['std_over_seeds']:>11.3g}{row['mean_stderr']:>12.3g}"
+                    f"{row['error2_x_time']:>10.2f}"
+                )
     print(f"wrote {save('hessian', rows)}")
 
 

@@ -73,11 +73,14 @@ def test_sharded_dispersion_equals_one_device_and_gathers_nothing_per_example(me
     assert "all-gather" not in text and "all-to-all" not in text
 
 
-def test_hessian_trace_probes_spread_over_devices_give_the_same_estimate():
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_hessian_trace_probes_spread_over_devices_give_the_same_estimate(method):
     mesh = jaxgen.make_mesh("data=8")
     params, batch = _params(), _batch()
     key = jax.random.key(5)
-    plain = jaxgen.hessian_trace(mlp_loss, params, batch, key=key, num_probes=21, chunk_size=3)
+    plain = jaxgen.hessian_trace(
+        mlp_loss, params, batch, key=key, num_probes=21, chunk_size=3, method=method
+    )
     spread = jaxgen.hessian_trace(  # rows of 8 probes (3 rounded up), the last one padded
         mlp_loss,
         jaxgen.replicate(params, mesh),
@@ -85,6 +88,7 @@ def test_hessian_trace_probes_spread_over_devices_give_the_same_estimate():
         key=key,
         num_probes=21,
         chunk_size=3,
+        method=method,
         probe_sharding=NamedSharding(mesh, PartitionSpec("data")),
     )
     np.testing.assert_allclose(spread.value, plain.value, rtol=1e-5)
