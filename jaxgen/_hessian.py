@@ -124,14 +124,15 @@ def _hutch_plus_plus(loss_fn, params, batch, key, num_probes, chunk_size, probe_
         return ravel_pytree(hvp(rademacher_like(probe_key, params)))[0]
 
     def deflated(column):
-        return quadratic_form(unravel(column))
+        return quadratic_form(unravel(column.astype(flat.dtype)))
 
     def residual(probe_key):
-        probe = ravel_pytree(rademacher_like(probe_key, params))[0]
-        return quadratic_form(unravel(probe - basis @ (basis.T @ probe)))
+        probe = ravel_pytree(rademacher_like(probe_key, params))[0].astype(basis.dtype)
+        return quadratic_form(unravel((probe - basis @ (basis.T @ probe)).astype(flat.dtype)))
 
     rows = functools.partial(_in_rows, chunk_size=chunk_size, probe_sharding=probe_sharding)
-    basis = jnp.linalg.qr(rows(sketch, sketch_keys).T)[0].astype(flat.dtype)
+    sketched = rows(sketch, sketch_keys)  # orthonormalised in float32 at least
+    basis = jnp.linalg.qr(sketched.T.astype(jnp.promote_types(flat.dtype, jnp.float32)))[0]
     value, stderr = mean_and_stderr(rows(residual, residual_keys), residual_size)
     return jnp.sum(rows(deflated, basis.T)) + value, stderr
 
@@ -178,13 +179,13 @@ def hessian_trace(
     products ``Y = H S`` with Rademacher ``S`` span the Hessian's dominant directions,
     ``Q = qr(Y)``; then ``Tr H ≈ Tr(Qᵀ H Q) + (1/r) Σ_j g_jᵀ (I − QQᵀ) H (I − QQᵀ) g_j``
     over ``r = m − 2k`` Rademacher ``g_j``. It is unbiased for every ``Q``, and its error
-    is that of the residual term alone, whose variance lacks the ``k`` largest
-    eigenvalues' share: much smaller when a few eigenvalues dominate (``stderr`` is that
-    term's sample error, given ``Q``). Its sketch products are forward-over-reverse
-    ``H v`` (dearer than the quadratic forms), it holds ``k`` vectors of ``P`` numbers
-    and needs ``m ≥ 3``. It pays where a few eigenvalues dominate: on a trained small CNN
-    its error was 6.5× smaller than Hutchinson's for the same products; at initialisation
-    and on a transformer block it was larger (``benchmarks/hessian.py``).
+    is that of the residual term alone (``stderr`` is that term's sample error, given
+    ``Q``), from which the sketched directions, mostly the largest eigenvalues', are
+    gone. Its sketch products are forward-over-reverse ``H v`` (dearer than the quadratic
+    forms); it holds ``k`` vectors of ``P`` numbers and needs ``m ≥ 3``. It pays where a
+    few eigenvalues dominate: on a trained small CNN its error was 6.5× smaller than
+    Hutchinson's for the same products; at initialisation and on a transformer block it
+    was larger (``benchmarks/hessian.py``).
 
     Wang & Mao (ICLR 2022), Eq. (2), estimate ``Tr H`` at the final weights with up to
     100 Rademacher probes on ``n/10`` training examples.
