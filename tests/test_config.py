@@ -22,6 +22,11 @@ from jaxgen.experiments.options import ConfigError
         ({"momentum": 1.0}, r"momentum must lie in \[0, 1\), got 1.0"),
         ({"model": "transformer"}, "model must be one of linear, two-layer-relu, mlp"),
         ({"dispersion_method": "exact"}, "dispersion_method must be one of auto, ghost, vmap"),
+        ({"hessian_method": "exact"}, r"hessian_method must be one of hutchinson, hutch\+\+"),
+        (
+            {"hessian_method": "hutch++", "hessian_probes": 2},
+            r"hessian_probes must be >= 3 with hessian_method hutch\+\+, got 2",
+        ),
         ({"lr_milestones": (0,)}, r"lr_milestones must be an integer >= 1, got \(0,\)"),
         ({"num_train": 0}, "num_train must be an integer >= 1, got 0"),
         ({"method": "gmp"}, "method must be a training method"),

@@ -35,6 +35,7 @@ from jaxgen.experiments.options import (
 )
 
 DISPERSION_METHODS = ("auto", "ghost", "vmap")
+HESSIAN_METHODS = ("hutchinson", "hutch++")
 AUGMENTATIONS = ("none", "crop", "crop-flip", "paper")
 _METHOD = Check(
     "be a training method (jaxgen.experiments.methods)",
@@ -98,11 +99,22 @@ class TrainConfig:
         True, "at the end, measure Tr H and the flatness and compute every bound", FLAG
     )
     R: float = option(0.1, "sub-Gaussian constant of the loss (the authors' choice)", POSITIVE)
-    hessian_probes: int = option(100, "Hutchinson probes for Tr H", POSITIVE_INT)
+    hessian_probes: int = option(100, "Hutchinson probes (products) for Tr H", POSITIVE_INT)
+    hessian_method: str = option(
+        "hutchinson",
+        "estimator of Tr H (jaxgen.hessian_trace); hutch++ is better where a few eigenvalues "
+        "dominate (benchmarks/hessian.py) and needs --hessian-probes >= 3",
+        one_of(HESSIAN_METHODS),
+    )
     flatness_samples: int = option(32, "Monte Carlo samples of the flatness term", POSITIVE_INT)
 
     def __post_init__(self):
         validate(self)
+        if self.hessian_method == "hutch++" and self.hessian_probes < 3:
+            raise ConfigError(
+                f"hessian_probes must be >= 3 with hessian_method hutch++, "
+                f"got {self.hessian_probes}"
+            )
 
     @property
     def optimizer_description(self) -> str:

@@ -3,9 +3,10 @@
 - ``E_z ‖H_z‖_F²`` at the start of every epoch, for the second-order gradient
   sensitivity of Neu et al. (``jaxgen.gradient_sensitivity(method="second_order")`` with
   ``σ = 1``, one probe for each of 64 training examples).
-- At the final weights: ``Tr H`` by Hutchinson on n/10 training examples, the optimal σ
-  of Eq. 2, the Monte Carlo flatness term at ``σ√T`` against as many test examples, and
-  for the two-layer ReLU network the final fraction of active units (Theorem 3).
+- At the final weights: ``Tr H`` by Hutchinson (or Hutch++: ``hessian_method``) on n/10
+  training examples, the optimal σ of Eq. 2, the Monte Carlo flatness term at ``σ√T``
+  against as many test examples, and for the two-layer ReLU network the final fraction
+  of active units (Theorem 3).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Estimates:
             train,
             key=self._key(rng.Stream.HESSIAN_TRACE),
             num_probes=config.hessian_probes,
+            method=config.hessian_method,
             probe_sharding=self._probe_sharding(),
         )
         trace = jax.tree_util.tree_map(to_host, trace)
