@@ -87,19 +87,26 @@ def _dominant_mean_loss(w, z):
     return jnp.dot(w, 1.0e4 + z)
 
 
-@pytest.mark.parametrize("microbatch_size", [None, 7])
-def test_dispersion_is_sound_in_float32_when_the_mean_dominates(microbatch_size):
-    noise = np.asarray(jax.random.normal(jax.random.key(3), (64, 50)), np.float64) * 1e-2
+def _dominant_mean_stats(noise, microbatch_size):
+    """``method="vmap"`` on ``_dominant_mean_loss`` with the float32 rows of ``noise``, and
+    the float32 gradients JAX forms for them, in float64."""
     stats = jaxgen.gradient_dispersion(
         _dominant_mean_loss,
-        jnp.zeros(50),
+        jnp.zeros(noise.shape[1]),
         jnp.asarray(noise, jnp.float32),
         method="vmap",
         microbatch_size=microbatch_size,
     )
-    # The exact dispersion of the float32 gradients JAX forms (≈ 5e-3, ‖ḡ‖² = 5e9).
     grads32 = np.asarray(1.0e4 + np.asarray(noise, np.float32), np.float32)
-    reference = _reference_dispersion(grads32.astype(np.float64))
+    return stats, grads32.astype(np.float64)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 7])
+def test_dispersion_is_sound_in_float32_when_the_mean_dominates(microbatch_size):
+    noise = np.asarray(jax.random.normal(jax.random.key(3), (64, 50)), np.float64) * 1e-2
+    stats, grads32 = _dominant_mean_stats(noise, microbatch_size)
+    # The exact dispersion of the float32 gradients JAX forms (≈ 5e-3, ‖ḡ‖² = 5e9).
+    reference = _reference_dispersion(grads32)
     np.testing.assert_allclose(stats.dispersion, reference, rtol=1e-3)
     # The textbook shortcut (1/b)Σ‖g_i‖² − ‖ḡ‖² cannot resolve it in float32.
     naive = jnp.mean(stats.sq_norms) - sum(
@@ -115,14 +122,7 @@ def test_dispersion_is_sound_when_the_first_example_is_the_outlier(microbatch_si
     the result still holds to about b ulps, and the mean gradient to rounding."""
     noise = np.asarray(jax.random.normal(jax.random.key(4), (64, 50)), np.float64) * 1e-3
     noise[0] = 1.0
-    stats = jaxgen.gradient_dispersion(
-        _dominant_mean_loss,
-        jnp.zeros(50),
-        jnp.asarray(noise, jnp.float32),
-        method="vmap",
-        microbatch_size=microbatch_size,
-    )
-    grads32 = np.asarray(1.0e4 + np.asarray(noise, np.float32), np.float32).astype(np.float64)
+    stats, grads32 = _dominant_mean_stats(noise, microbatch_size)
     np.testing.assert_allclose(stats.dispersion, _reference_dispersion(grads32), rtol=1e-4)
     np.testing.assert_allclose(stats.grad, grads32.mean(0), rtol=1e-7)
     np.testing.assert_allclose(stats.sq_norms, np.sum(grads32**2, 1), rtol=1e-6)
