@@ -156,3 +156,18 @@ def test_bias_subtracted_and_broadcast_over_a_sequence():
     params = {"w": 0.3 * jnp.ones((4, 3)), "b": jnp.array([0.1, -0.2, 0.3]), "c": jnp.array(0.5)}
     batch = {"x": jax.random.normal(jax.random.key(5), (6, 7, 4)), "y": jnp.arange(6.0)}
     _assert_matches_vmap(loss_fn, params, batch, method="auto")
+
+
+@pytest.mark.parametrize(("size", "chunk", "iterations"), [(7, 3, 3), (6, 4, 2), (6, 6, 0)])
+def test_in_example_chunks_equals_one_pass(size, chunk, iterations):
+    from jaxgen._ghost.rules import in_example_chunks
+
+    x = jax.random.normal(jax.random.key(0), (size, 3, 2))
+    y = jax.random.normal(jax.random.key(1), (size, 2))
+
+    def fn(x, y):  # rows must stay with their examples; padding rows must not leak in
+        return jnp.einsum("bij,bj->bi", x, y) + jnp.sum(x, axis=(1, 2))[:, None]
+
+    jaxpr = str(jax.make_jaxpr(lambda x, y: in_example_chunks(fn, chunk, x, y))(x, y))
+    assert (f"length={iterations}" in jaxpr) if iterations else (" scan[" not in jaxpr)
+    np.testing.assert_allclose(in_example_chunks(fn, chunk, x, y), fn(x, y), rtol=1e-6)

@@ -338,6 +338,35 @@ def test_convolution_kernels_of_every_shape_get_exact_per_example_gradients(name
     assert _count_convolutions(ghost(params, batch).jaxpr) == 1
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "strided valid",
+        "transposed (input dilation)",
+        "depthwise",
+        "grouped, two images per example",
+        "nchw / oihw",
+    ],
+)
+def test_convolution_kernel_gradients_formed_a_chunk_of_examples_at_a_time(name, monkeypatch):
+    # Big batches on a CPU take their examples a few at a time (cache-sized chunks): force
+    # chunks of one example here (``in_example_chunks`` is tested with bigger ones).
+    monkeypatch.setattr(rules, "CONV_CACHED_ELEMENTS", 0)
+    monkeypatch.setattr(rules, "CONV_CHUNK_ELEMENTS", 1)
+    shape, kernel_shape, kwargs = CONVS[name]
+    kwargs.setdefault("dimension_numbers", ("NHWC", "HWIO", "NHWC"))
+    x = _normal(31, B, *shape)
+    params = {"kernel": _normal(30, *kernel_shape) / 3}
+
+    def loss(p, z):
+        out = jax.lax.conv_general_dilated(z["x"], p["kernel"], **kwargs)
+        return _xent(jnp.tanh(out).reshape(-1)[:H] * 3, z["y"])
+
+    _check(loss, params, {"x": x, "y": BATCH["y"]}, warns=False, rtol=5e-4)
+    ghost = jax.make_jaxpr(lambda p, b: jaxgen.gradient_dispersion(loss, p, b, method="ghost"))
+    assert " scan[" in str(ghost(params, {"x": x, "y": BATCH["y"]}))  # the fori_loop
+
+
 def _count_convolutions(jaxpr):
     return sum(
         (eqn.primitive.name == "conv_general_dilated")

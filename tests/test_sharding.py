@@ -73,6 +73,31 @@ def test_sharded_dispersion_equals_one_device_and_gathers_nothing_per_example(me
     assert "all-gather" not in text and "all-to-all" not in text
 
 
+def test_sharded_convolution_in_example_chunks_gathers_nothing(monkeypatch):
+    # A big batch's per-example kernel gradients are formed a chunk at a time
+    # (rules.in_example_chunks): example i·count + j in iteration j, so each device keeps
+    # its own examples. Forced here: 32 examples in 4 iterations of 8 (one per device).
+    from conftest import cnn_init, cnn_loss
+
+    from jaxgen._ghost import rules
+
+    mesh = jaxgen.make_mesh("data=8")
+    params = cnn_init(jax.random.key(2))
+    kx, ky = jax.random.split(jax.random.key(4))
+    batch = {"x": jax.random.normal(kx, (32, 8)), "y": jax.random.randint(ky, (32,), 0, 3)}
+    reference = jaxgen.gradient_dispersion(cnn_loss, params, batch, method="ghost")  # one pass
+    monkeypatch.setattr(rules, "CONV_CACHED_ELEMENTS", 0)
+    # one example: its padded input (10) and output gradient (8 × 4): chunks of 8
+    monkeypatch.setattr(rules, "CONV_CHUNK_ELEMENTS", 8 * (10 + 8 * 4))
+    sharded = (jaxgen.replicate(params, mesh), jaxgen.shard_batch(batch, mesh))
+    stats = jaxgen.gradient_dispersion(cnn_loss, *sharded, method="ghost")
+    chex.assert_trees_all_close(stats, reference, rtol=1e-5, atol=1e-7)
+    lowered = jax.jit(lambda p, b: jaxgen.gradient_dispersion(cnn_loss, p, b, method="ghost"))
+    assert " scan[" in str(jax.make_jaxpr(lowered)(*sharded))
+    text = lowered.lower(*sharded).compile().as_text()
+    assert "all-gather" not in text and "all-to-all" not in text
+
+
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
 def test_hessian_trace_probes_spread_over_devices_give_the_same_estimate(method):
     mesh = jaxgen.make_mesh("data=8")

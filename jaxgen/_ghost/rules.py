@@ -15,6 +15,13 @@ from jax.lax import GatherScatterMode
 from jaxgen._ghost.interpreter import EXAMPLE, Interpreter, Use
 from jaxgen._sums import pairwise_sum
 
+# On a CPU, a convolution's per-example kernel gradients are formed a chunk of examples
+# at a time (each chunk's input and output gradient about CONV_CHUNK_ELEMENTS numbers,
+# read from cache by the kh·kw window contractions) when the whole batch's exceed
+# CONV_CACHED_ELEMENTS. Measured on the benchmark CNN (benchmarks/README.md): chunks win
+# at batch 256 (both convolutions above this size) and lose at batch 128 (below it).
+CONV_CHUNK_ELEMENTS = 2**18
+CONV_CACHED_ELEMENTS = 3 * 2**20
 BLOCK_ELEMENTS = 2**16  # the exact dense recomputation's residual block, whole batch
 
 
@@ -245,7 +252,10 @@ def conv_kernel_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     For every kernel offset ``k`` (``kh·kw`` of them in 2-D), a strided slice of the
     padded (and, for transposed convolutions, interior-dilated) input meets the output
     gradient in one batched contraction over the example's positions: the work of the
-    kernel's part of backpropagation, without XLA:CPU's grouped convolution.
+    kernel's part of backpropagation, without XLA:CPU's grouped convolution. On a CPU, a
+    batch whose inputs and output gradients outgrow the cache (``CONV_CACHED_ELEMENTS``)
+    goes through in chunks of examples (``in_example_chunks``), so that the kh·kw
+    contractions read each chunk from cache rather than the whole batch from memory.
     """
     p = use.eqn.params
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
@@ -269,26 +279,67 @@ def conv_kernel_grads(use: Use, x: jax.Array, delta: jax.Array) -> jax.Array:
     x = x.reshape(*x.shape[:-1], groups, channels // groups)
     delta = delta.reshape(*delta.shape[:-1], groups, outputs // groups)
     delta = jnp.transpose(delta.reshape(b, -1, groups, outputs // groups), (0, 2, 3, 1))
-    per_offset = []
-    for offset in itertools.product(*(range(k) for k in kernel_sizes)):
-        first = [k * d for k, d in zip(offset, p["rhs_dilation"], strict=True)]
-        steps = zip(first, out_sizes, p["window_strides"], strict=True)
-        last = [f + (size - 1) * stride + 1 for f, size, stride in steps]
-        window = jax.lax.slice(
-            x,
-            [0, 0, *first, 0, 0],
-            [b, n, *last, *x.shape[-2:]],
-            [1, 1, *p["window_strides"], 1, 1],
-        )
-        window = window.reshape(b, -1, groups, channels // groups)  # (b, T, g, c)
-        per_offset.append(  # delta: (b, g, o, T), transposed once for every offset
-            jnp.einsum("btgc,bgot->bcgo", window, delta).reshape(b, channels // groups, -1)
-        )
-    grads = jnp.stack(per_offset, axis=1).reshape(b, *kernel_sizes, channels // groups, outputs)
+
+    def kernel_grads(x, delta):  # a chunk of examples
+        examples, per_offset = x.shape[0], []
+        for offset in itertools.product(*(range(k) for k in kernel_sizes)):
+            first = [k * d for k, d in zip(offset, p["rhs_dilation"], strict=True)]
+            steps = zip(first, out_sizes, p["window_strides"], strict=True)
+            last = [f + (size - 1) * stride + 1 for f, size, stride in steps]
+            window = jax.lax.slice(
+                x,
+                [0, 0, *first, 0, 0],
+                [examples, n, *last, *x.shape[-2:]],
+                [1, 1, *p["window_strides"], 1, 1],
+            )
+            window = window.reshape(examples, -1, groups, channels // groups)  # (b, T, g, c)
+            per_offset.append(  # delta: (b, g, o, T), transposed once for every offset
+                jnp.einsum("btgc,bgot->bcgo", window, delta).reshape(
+                    examples, channels // groups, -1
+                )
+            )
+        return jnp.stack(per_offset, axis=1)
+
+    per_example = (x.size + delta.size) // b
+    chunk = b
+    if jax.default_backend() == "cpu" and b * per_example > CONV_CACHED_ELEMENTS:
+        chunk = max(1, CONV_CHUNK_ELEMENTS // per_example)
+    grads = in_example_chunks(kernel_grads, chunk, x, delta)
+    grads = grads.reshape(b, *kernel_sizes, channels // groups, outputs)
     # (b, *kernel spatial, in, out) -> the kernel's own layout
     source = {rhs_spec[0]: spatial + 2, rhs_spec[1]: spatial + 1}
     source |= {d: 1 + i for i, d in enumerate(rhs_spec[2:])}
     return jnp.transpose(grads, [0, *(source[d] for d in range(len(kernel)))])
+
+
+def in_example_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
+    """``fn(*arrays)`` for a function of a batch of examples (the leading axis of
+    ``arrays`` and of its result), about ``chunk`` examples at a time in a loop.
+
+    Example ``e = i·count + j`` goes to iteration ``j``, so a batch split over devices
+    along its leading axis stays where it is. ``count`` divides the batch where a count
+    at most twice the least one does; otherwise the batch is padded with zeros."""
+    size = arrays[0].shape[0]
+    least = -(-size // chunk)
+    if least == 1:
+        return fn(*arrays)
+    count = next((c for c in range(least, 2 * least + 1) if size % c == 0), least)
+    chunk = -(-size // count)
+    arrays = [
+        jnp.pad(a, [(0, chunk * count - size)] + [(0, 0)] * (a.ndim - 1)).reshape(
+            chunk, count, *a.shape[1:]
+        )
+        for a in arrays
+    ]
+    piece = jax.eval_shape(fn, *(a[:, 0] for a in arrays))
+
+    def iteration(j, out):
+        piece = fn(*(jax.lax.dynamic_index_in_dim(a, j, 1, keepdims=False) for a in arrays))
+        return jax.lax.dynamic_update_index_in_dim(out, piece, j, 1)
+
+    out = jnp.zeros((chunk, count, *piece.shape[1:]), piece.dtype)
+    out = jax.lax.fori_loop(0, count, iteration, out)
+    return out.reshape(chunk * count, *out.shape[2:])[:size]
 
 
 QUIETLY_MATERIALISED = ("add", "add_any", "sub", "mul", "conv_general_dilated")
