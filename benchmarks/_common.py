@@ -183,6 +183,31 @@ def strided_cnn(key: jax.Array):
     return params, loss_fn, make_batch
 
 
+def wide_cnn(key: jax.Array, width=64):
+    """conv3x3(64)-conv3x3(64)-pool-dense(10) at 32×32×3: VGG's first block, whose
+    per-example kernel gradients ``in_example_chunks`` forms a few examples at a time."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {
+        "conv1": jax.random.normal(k1, (3, 3, 3, width)) / jnp.sqrt(27.0),
+        "conv2": jax.random.normal(k2, (3, 3, width, width)) / jnp.sqrt(9.0 * width),
+        "dense": jax.random.normal(k3, (16 * 16 * width, 10)) / jnp.sqrt(256.0 * width),
+    }
+
+    def conv(x, w):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.nn.relu(y)
+
+    def loss_fn(params, example):
+        x = conv(conv(example["x"][None], params["conv1"]), params["conv2"])
+        n, h, w, c = x.shape
+        x = x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        return cross_entropy(x.reshape(-1) @ params["dense"], example["y"])
+
+    return params, loss_fn, gaussian_batch((32, 32, 3), 10)
+
+
 def checkpointed_mlp(key: jax.Array):
     """``mlp`` with each hidden layer under ``jax.checkpoint``."""
     params, _, make_batch = mlp(key)

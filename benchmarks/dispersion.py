@@ -41,6 +41,7 @@ from _common import (
     torch_on_device,
     torch_timed,
     transformer,
+    wide_cnn,
 )
 
 import jaxgen
@@ -51,6 +52,7 @@ MODELS = {
     "CNN 32x32x3": cnn,
     "Transformer block T=32": transformer,
     "Strided+depthwise CNN": strided_cnn,
+    "Wide CNN 32x32x64": wide_cnn,
     "MLP under checkpoint": checkpointed_mlp,
     "Scanned stack 4x128": scanned_stack,
     "Scanned transformer 4 blocks": scanned_transformer,
