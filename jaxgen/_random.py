@@ -65,27 +65,63 @@ def _pair_counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
 _LOWEST = np.nextafter(np.float32(-1.0), np.float32(0.0))
 
 
-def _standard_normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """N(0, 1) draws of ``shape``: two per threefry block (see the module docstring)."""
+# Leaves of at least this many numbers get a threefry call of their own; smaller ones
+# share one (``_standard_normals``).
+OWN_CALL_ELEMENTS = 2**16
+
+
+def _draws_by_threefry(key: jax.Array, shape: tuple[int, ...], dtype) -> bool:
     threefry = str(jax.random.key_impl(key)) == "threefry2x32"
-    if dtype != jnp.float32 or not threefry or math.prod(shape[:-1]) >= 2**32:
-        return jax.random.normal(key, shape, dtype)
-    full = shape or (1,)
-    first, second = threefry2x32_p.bind(*jax.random.key_data(key), *_pair_counters(full))
-    words = jnp.stack([first, second], axis=-1).reshape(*full[:-1], -1)[..., : full[-1]]
-    one_to_two = lax.bitcast_convert_type((words >> 9) | np.uint32(0x3F800000), jnp.float32)
+    return dtype == jnp.float32 and threefry and math.prod(shape[:-1]) < 2**32
+
+
+def _standard_normals(keys: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+    """N(0, 1) draws of each of ``shapes`` (float32, threefry keys), two per threefry
+    block (see the module docstring), all hashed by one threefry call: XLA:CPU compiles
+    each call into a loop of its own, so a model of many small leaves compiled its draws
+    far longer than its gradient. The values are those of one call per leaf."""
+    words, rows, pairs = [], [], []
+    for key, shape in zip(keys, shapes, strict=True):
+        row, pair = _pair_counters(shape or (1,))
+        rows.append(row.reshape(-1))
+        pairs.append(pair.reshape(-1))
+        words.append(jnp.broadcast_to(jax.random.key_data(key)[:, None], (2, row.size)))
+    key_words = jnp.concatenate(words, axis=1) if len(words) > 1 else jax.random.key_data(keys[0])
+    first, second = threefry2x32_p.bind(*key_words, jnp.concatenate(rows), jnp.concatenate(pairs))
+    bits = jnp.stack([first, second], axis=-1)
+    one_to_two = lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
     uniform = jnp.maximum(_LOWEST, (one_to_two - 1.0) * (1.0 - _LOWEST) + _LOWEST)
-    return (np.float32(np.sqrt(2.0)) * lax.erf_inv(uniform)).reshape(shape)
+    normals = np.float32(np.sqrt(2.0)) * lax.erf_inv(uniform)
+    draws, start = [], 0
+    for shape, row in zip(shapes, rows, strict=True):
+        full = shape or (1,)
+        block = normals[start : start + row.size].reshape(*full[:-1], -1)[..., : full[-1]]
+        draws.append(block.reshape(shape))
+        start += row.size
+    return draws
 
 
 def gaussian_like(key: jax.Array, params: PyTree, sigma: Any) -> PyTree:
     """``Δ ~ N(0, σ² I)`` shaped like ``params``, one independent key per leaf."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
-    noise = [
-        (sigma * _standard_normal(k, leaf.shape, _sampling_dtype(leaf.dtype))).astype(leaf.dtype)
-        for k, leaf in zip(keys, leaves, strict=True)
+    dtypes = [_sampling_dtype(leaf.dtype) for leaf in leaves]
+    by_threefry = [
+        i
+        for i, (leaf, dtype) in enumerate(zip(leaves, dtypes, strict=True))
+        if _draws_by_threefry(keys[i], leaf.shape, dtype)
     ]
+    small = [i for i in by_threefry if leaves[i].size < OWN_CALL_ELEMENTS]
+    calls = [[i] for i in by_threefry if i not in small] + ([small] if small else [])
+    draws = {}
+    for call in calls:
+        shapes = [leaves[i].shape for i in call]
+        draws |= zip(call, _standard_normals(keys[np.asarray(call)], shapes), strict=True)
+    noise = [
+        draws[i] if i in draws else jax.random.normal(keys[i], leaf.shape, dtype)
+        for i, (leaf, dtype) in enumerate(zip(leaves, dtypes, strict=True))
+    ]
+    noise = [(sigma * n).astype(leaf.dtype) for n, leaf in zip(noise, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, noise)
 
 

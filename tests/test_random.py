@@ -89,3 +89,18 @@ def test_as_key_accepts_seeds_typed_and_raw_keys():
     assert as_key(typed) is typed
     with pytest.raises(ValueError, match="key must be a PRNG key"):
         as_key(jnp.ones(3))
+
+
+def test_small_leaves_share_one_threefry_call_and_keep_their_own_values():
+    from jaxgen._random import OWN_CALL_ELEMENTS, _standard_normals
+
+    params = {"a": jnp.zeros((3, 5)), "b": jnp.zeros(7), "big": jnp.zeros((OWN_CALL_ELEMENTS,)),
+              "c": jnp.zeros(())}  # fmt: skip
+    key = jax.random.key(2)
+    jaxpr = str(jax.make_jaxpr(lambda k: gaussian_like(k, params, 1.0))(key))
+    assert jaxpr.count("= threefry2x32 ") == 2  # the big leaf's, and the small ones' together
+    together = gaussian_like(key, params, 1.0)
+    keys = jax.random.split(key, len(params))  # one key per leaf, in tree order
+    for leaf_key, name in zip(keys, sorted(params), strict=True):
+        (alone,) = _standard_normals(leaf_key[None], [params[name].shape])
+        np.testing.assert_allclose(together[name], alone, rtol=2e-7, atol=0)
