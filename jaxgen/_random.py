@@ -65,14 +65,31 @@ def _pair_counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
 _LOWEST = np.nextafter(np.float32(-1.0), np.float32(0.0))
 
 
-# Leaves of at least this many numbers get a threefry call of their own; smaller ones
-# share one (``_standard_normals``).
+# Leaves of at least this many numbers get a threefry call of their own
+# (``_standard_normal``); smaller ones share one (``_standard_normals``).
 OWN_CALL_ELEMENTS = 2**16
 
 
 def _draws_by_threefry(key: jax.Array, shape: tuple[int, ...], dtype) -> bool:
     threefry = str(jax.random.key_impl(key)) == "threefry2x32"
     return dtype == jnp.float32 and threefry and math.prod(shape[:-1]) < 2**32
+
+
+def _standard_normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """N(0, 1) draws of ``shape``: two per threefry block (see the module docstring)."""
+    if not _draws_by_threefry(key, shape, dtype):
+        return jax.random.normal(key, shape, dtype)
+    full = shape or (1,)
+    first, second = threefry2x32_p.bind(*jax.random.key_data(key), *_pair_counters(full))
+    words = jnp.stack([first, second], axis=-1).reshape(*full[:-1], -1)[..., : full[-1]]
+    return _normal_from_words(words).reshape(shape)
+
+
+def _normal_from_words(words: jax.Array) -> jax.Array:
+    """Each 32-bit word as a uniform on ``[nextafter(−1, 0), 1)``, then ``√2·erfinv(u)``."""
+    one_to_two = lax.bitcast_convert_type((words >> 9) | np.uint32(0x3F800000), jnp.float32)
+    uniform = jnp.maximum(_LOWEST, (one_to_two - 1.0) * (1.0 - _LOWEST) + _LOWEST)
+    return np.float32(np.sqrt(2.0)) * lax.erf_inv(uniform)
 
 
 def _standard_normals(keys: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
@@ -86,12 +103,9 @@ def _standard_normals(keys: jax.Array, shapes: list[tuple[int, ...]]) -> list[ja
         rows.append(row.reshape(-1))
         pairs.append(pair.reshape(-1))
         words.append(jnp.broadcast_to(jax.random.key_data(key)[:, None], (2, row.size)))
-    key_words = jnp.concatenate(words, axis=1) if len(words) > 1 else jax.random.key_data(keys[0])
+    key_words = jnp.concatenate(words, axis=1)
     first, second = threefry2x32_p.bind(*key_words, jnp.concatenate(rows), jnp.concatenate(pairs))
-    bits = jnp.stack([first, second], axis=-1)
-    one_to_two = lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
-    uniform = jnp.maximum(_LOWEST, (one_to_two - 1.0) * (1.0 - _LOWEST) + _LOWEST)
-    normals = np.float32(np.sqrt(2.0)) * lax.erf_inv(uniform)
+    normals = _normal_from_words(jnp.stack([first, second], axis=-1))
     draws, start = [], 0
     for shape, row in zip(shapes, rows, strict=True):
         full = shape or (1,)
@@ -112,13 +126,12 @@ def gaussian_like(key: jax.Array, params: PyTree, sigma: Any) -> PyTree:
         if _draws_by_threefry(keys[i], leaf.shape, dtype)
     ]
     small = [i for i in by_threefry if leaves[i].size < OWN_CALL_ELEMENTS]
-    calls = [[i] for i in by_threefry if i not in small] + ([small] if small else [])
     draws = {}
-    for call in calls:
-        shapes = [leaves[i].shape for i in call]
-        draws |= zip(call, _standard_normals(keys[np.asarray(call)], shapes), strict=True)
+    if small:
+        shapes = [leaves[i].shape for i in small]
+        draws = dict(zip(small, _standard_normals(keys[np.asarray(small)], shapes), strict=True))
     noise = [
-        draws[i] if i in draws else jax.random.normal(keys[i], leaf.shape, dtype)
+        draws[i] if i in draws else _standard_normal(keys[i], leaf.shape, dtype)
         for i, (leaf, dtype) in enumerate(zip(leaves, dtypes, strict=True))
     ]
     noise = [(sigma * n).astype(leaf.dtype) for n, leaf in zip(noise, leaves, strict=True)]
