@@ -81,8 +81,14 @@ def _standard_normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array
         return jax.random.normal(key, shape, dtype)
     full = shape or (1,)
     first, second = threefry2x32_p.bind(*jax.random.key_data(key), *_pair_counters(full))
-    words = jnp.stack([first, second], axis=-1).reshape(*full[:-1], -1)[..., : full[-1]]
-    return _normal_from_words(words).reshape(shape)
+    return _normal_from_words(_in_shape(jnp.stack([first, second], axis=-1), shape))
+
+
+def _in_shape(pairs: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Numbers made two by two in the order of ``_pair_counters(shape)`` as ``shape`` (the
+    last pair of an odd last axis gives one)."""
+    full = shape or (1,)
+    return pairs.reshape(*full[:-1], -1)[..., : full[-1]].reshape(shape)
 
 
 def _normal_from_words(words: jax.Array) -> jax.Array:
@@ -108,9 +114,7 @@ def _standard_normals(keys: jax.Array, shapes: list[tuple[int, ...]]) -> list[ja
     normals = _normal_from_words(jnp.stack([first, second], axis=-1))
     draws, start = [], 0
     for shape, row in zip(shapes, rows, strict=True):
-        full = shape or (1,)
-        block = normals[start : start + row.size].reshape(*full[:-1], -1)[..., : full[-1]]
-        draws.append(block.reshape(shape))
+        draws.append(_in_shape(normals[start : start + row.size], shape))
         start += row.size
     return draws
 
@@ -120,12 +124,11 @@ def gaussian_like(key: jax.Array, params: PyTree, sigma: Any) -> PyTree:
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
     dtypes = [_sampling_dtype(leaf.dtype) for leaf in leaves]
-    by_threefry = [
+    small = [
         i
         for i, (leaf, dtype) in enumerate(zip(leaves, dtypes, strict=True))
-        if _draws_by_threefry(keys[i], leaf.shape, dtype)
+        if leaf.size < OWN_CALL_ELEMENTS and _draws_by_threefry(keys[i], leaf.shape, dtype)
     ]
-    small = [i for i in by_threefry if leaves[i].size < OWN_CALL_ELEMENTS]
     draws = {}
     if small:
         shapes = [leaves[i].shape for i in small]

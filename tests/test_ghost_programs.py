@@ -319,10 +319,11 @@ CONVS = {  # name: (input shape of one example, kernel shape, conv keyword argum
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", CONVS)
-def test_convolution_kernels_of_every_shape_get_exact_per_example_gradients(name):
+def _conv_case(name):
+    """``(loss, params, batch)`` of a one-convolution model of ``CONVS[name]``, with a
+    fresh loss function (nothing cached from another test)."""
     shape, kernel_shape, kwargs = CONVS[name]
-    kwargs.setdefault("dimension_numbers", ("NHWC", "HWIO", "NHWC"))
+    kwargs = {"dimension_numbers": ("NHWC", "HWIO", "NHWC"), **kwargs}
     params = {"kernel": _normal(30, *kernel_shape) / 3}
     batch = {"x": _normal(31, B, *shape), "y": BATCH["y"]}
 
@@ -330,6 +331,12 @@ def test_convolution_kernels_of_every_shape_get_exact_per_example_gradients(name
         out = jax.lax.conv_general_dilated(z["x"], p["kernel"], **kwargs)
         return _xent(jnp.tanh(out).reshape(-1)[:H] * 3, z["y"])
 
+    return loss, params, batch
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_convolution_kernels_of_every_shape_get_exact_per_example_gradients(name):
+    loss, params, batch = _conv_case(name)
     _check(loss, params, batch, warns=False, rtol=5e-4)
     plan_rules = _rules_used(loss, params, batch)
     assert plan_rules == {"conv"}, plan_rules
@@ -347,18 +354,10 @@ def test_convolution_kernel_gradients_formed_a_chunk_of_examples_at_a_time(name,
     # chunks of one example here (``in_example_chunks`` is tested with bigger ones).
     monkeypatch.setattr(rules, "CONV_CACHED_ELEMENTS", 0)
     monkeypatch.setattr(rules, "CONV_CHUNK_ELEMENTS", 1)
-    shape, kernel_shape, kwargs = CONVS[name]
-    kwargs.setdefault("dimension_numbers", ("NHWC", "HWIO", "NHWC"))
-    x = _normal(31, B, *shape)
-    params = {"kernel": _normal(30, *kernel_shape) / 3}
-
-    def loss(p, z):
-        out = jax.lax.conv_general_dilated(z["x"], p["kernel"], **kwargs)
-        return _xent(jnp.tanh(out).reshape(-1)[:H] * 3, z["y"])
-
-    _check(loss, params, {"x": x, "y": BATCH["y"]}, warns=False, rtol=5e-4)
+    loss, params, batch = _conv_case(name)
+    _check(loss, params, batch, warns=False, rtol=5e-4)
     ghost = jax.make_jaxpr(lambda p, b: jaxgen.gradient_dispersion(loss, p, b, method="ghost"))
-    assert " scan[" in str(ghost(params, {"x": x, "y": BATCH["y"]}))  # the fori_loop
+    assert " scan[" in str(ghost(params, batch))  # the fori_loop
 
 
 def _count_convolutions(jaxpr):

@@ -331,13 +331,13 @@ def in_example_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
         )
         for a in arrays
     ]
-    piece = jax.eval_shape(fn, *(a[:, 0] for a in arrays))
+    one = jax.eval_shape(fn, *(a[:, 0] for a in arrays))  # one iteration's result
 
     def iteration(j, out):
         piece = fn(*(jax.lax.dynamic_index_in_dim(a, j, 1, keepdims=False) for a in arrays))
         return jax.lax.dynamic_update_index_in_dim(out, piece, j, 1)
 
-    out = jnp.zeros((chunk, count, *piece.shape[1:]), piece.dtype)
+    out = jnp.zeros((chunk, count, *one.shape[1:]), one.dtype)
     out = jax.lax.fori_loop(0, count, iteration, out)
     return out.reshape(chunk * count, *out.shape[2:])[:size]
 
