@@ -210,7 +210,7 @@ class Interpreter:
         parameter-derived."""
         if eqn.primitive.name != "scan" or id(eqn) in self.closed:
             return None
-        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        num_consts, num_carry = scan_counts(eqn)
         carries = entries[num_consts : num_consts + num_carry]
         others = entries[:num_consts] + entries[num_consts + num_carry :]
         if any(e.kind == PARAM for e in carries) or not all(
@@ -222,8 +222,9 @@ class Interpreter:
     def _body_args(self, eqn, entries, carry_kinds, carry_values, xs_values) -> list[Value]:
         """The body's arguments: the scan's constants, the carries with their (joined)
         kinds, and one iteration's slices, a parameter slice still a view of its leaf."""
-        num_fixed = eqn.params["num_consts"] + eqn.params["num_carry"]
-        consts = entries[: eqn.params["num_consts"]]
+        num_consts, num_carry = scan_counts(eqn)
+        num_fixed = num_consts + num_carry
+        consts = entries[:num_consts]
         carries = [Value(v, k) for v, k in zip(carry_values, carry_kinds, strict=True)]
         xs = [e._replace(value=v) for e, v in zip(entries[num_fixed:], xs_values, strict=True)]
         return [*consts, *carries, *xs]
@@ -233,7 +234,7 @@ class Interpreter:
         carries' kinds joined until they are stable (a constant carry that the body
         mixes with the example is example data from then on), or ``None`` where a
         parameter would be carried."""
-        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        num_consts, num_carry = scan_counts(eqn)
         body = eqn.params["jaxpr"]
         carry_entries = entries[num_consts : num_consts + num_carry]
         kinds = [e.kind for e in carry_entries]
@@ -259,7 +260,7 @@ class Interpreter:
     def _scan(self, eqn, entries, layout) -> list[Value]:
         """An opened ``scan``; see the module docstring."""
         kinds, discovery, outs = layout
-        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        num_consts, num_carry = scan_counts(eqn)
         body = eqn.params["jaxpr"]
         start = len(self.uses)
         probes, taps = self._inner(start, len(discovery.uses))
@@ -384,6 +385,16 @@ def inlinable(eqn):
     return None
 
 
+def scan_counts(eqn) -> tuple[int, int]:
+    """``(constants, carries)`` among a ``scan`` equation's operands, which come in that
+    order before the scanned inputs: its parameters ``num_consts`` and ``num_carry`` up to
+    jax 0.10, the lengths of the first two parts of its ``ft_in`` from jax 0.11."""
+    if "num_consts" in eqn.params:
+        return eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carries, _ = eqn.params["ft_in"].unpack()
+    return len(consts), len(carries)
+
+
 def bind(eqn, values):
     bind_params = eqn.primitive.get_bind_params(eqn.params)
     subfuns = []
@@ -426,7 +437,7 @@ class ParamOnly(Interpreter):
         non-example values. The uses inside get no operands (``None``): their leaves
         have ghost rules, so no pullback reads them."""
         kinds, discovery, outs = layout
-        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        num_consts, num_carry = scan_counts(eqn)
         body = eqn.params["jaxpr"]
         kept = [k != EXAMPLE for k in kinds]
 
