@@ -590,6 +590,62 @@ def test_a_cancelling_tapped_leaf_beside_one_that_does_not_cancel():
         np.testing.assert_allclose(stats.layer_dispersion[name], want, rtol=1e-3)
 
 
+def test_scan_operand_counts_on_this_jax():
+    """``scan_counts`` reads the constants and carries of a scan equation as the installed
+    jax records them (``num_consts``/``num_carry`` up to 0.10, ``ft_in`` from 0.11)."""
+    from jaxgen._ghost.interpreter import scan_counts
+
+    a, b = jnp.ones(3), jnp.ones(3)
+
+    def loss(c, xs, ys):
+        return jax.lax.scan(lambda c, xy: (c * a + xy[0] * b, c), c, (xs, ys))
+
+    jaxpr = jax.make_jaxpr(loss)(jnp.ones(3), jnp.ones((4, 3)), jnp.ones((4, 3)))
+    (scan,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert scan_counts(scan) == (2, 1)
+    assert len(scan.invars) == 2 + 1 + 2
+
+
+def _unguarded_conds(jaxpr):
+    """``cond`` equations in ``jaxpr`` and its calls, not counting those inside a cond."""
+    return sum(
+        1 if eqn.primitive.name == "cond" else sum(map(_unguarded_conds, _inner_jaxprs(eqn)))
+        for eqn in jaxpr.eqns
+    )
+
+
+def test_one_cond_guards_every_leaf_and_only_the_cancelling_one_is_recomputed():
+    """Captured leaves (``w``, ``v``) and a tapped one (``s``, stacked in a scan) share one
+    ``lax.cond`` on the path taken when nothing cancels (a GPU waits on the host for each
+    predicate); inside it ``w`` (g_i = x_i δ with x_i = c + ε_i, ‖ḡ‖²/dispersion ~ 1e8)
+    takes its exact statistics and the others keep their ghost ones."""
+    c, spread = 1e3, 0.1
+    params = {"w": jnp.ones((D, 1)), "v": _normal(66, D, 3) / 2, "s": _normal(67, 2, D, 3) / 2}
+
+    def loss(p, z):
+        stacked, _ = jax.lax.scan(
+            lambda t, s: (t + jnp.sum(jnp.tanh(z["u"] @ s)), None), 0.0, p["s"]
+        )
+        return (z["x"] @ p["w"])[0] + jnp.sum(jnp.tanh(z["u"] @ p["v"])) + stacked
+
+    batch = {"x": c + spread * _normal(68, B, D), "u": _normal(69, B, D)}
+    assert _rules_used(loss, params, batch) == {"dense"}
+    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    for method in ("ghost", "auto"):
+        stats = jaxgen.gradient_dispersion(loss, params, batch, method=method)
+        np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
+        np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+    with jax.enable_x64(True):
+        to64 = functools.partial(jax.tree_util.tree_map, lambda a: a.astype(jnp.float64))
+        grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(to64(params), to64(batch))
+    for name, g in grads.items():
+        flat = np.asarray(g).reshape(B, -1)
+        want = np.sum((flat - flat.mean(0)) ** 2) / B
+        np.testing.assert_allclose(stats.layer_dispersion[name], want, rtol=1e-3)
+    ghost = jax.make_jaxpr(lambda p, b: jaxgen.gradient_dispersion(loss, p, b, method="ghost"))
+    assert _unguarded_conds(ghost(params, batch).jaxpr) == 1
+
+
 def test_recurrent_cells_closed_over_by_a_scan_are_tied_ghost_leaves():
     """h_{t+1} = tanh(h_t W_h + x_t W_x + b) over a sequence: every step uses the same
     weights, so g_i = Σ_t (rows of step t)ᵀ δ_t, one product over all steps' rows."""

@@ -195,11 +195,13 @@ CANCELLATION_EPS = 1e5
 
 
 class _Exact(NamedTuple):
-    """A tapped leaf's way back to exact statistics, taken when its difference cancels:
-    ``stats(b)`` from a backward pass ``b`` that captured its operands and ``δ``."""
+    """A leaf's way back to exact statistics, taken when its difference cancels:
+    ``stats(b)`` from a backward pass ``b`` that captured its operands and ``δ`` (for a
+    ``tapped`` leaf, one run again with captures; else the pass that made the ghost)."""
 
     cancels: jax.Array
     stats: Any
+    tapped: bool
 
 
 def _fast_leaf(
@@ -209,8 +211,7 @@ def _fast_leaf(
     a tapped use, its ``_Exact``. When the ghost difference would lose digits
     (``CANCELLATION_EPS``), the statistics are recomputed exactly: by the rule's own
     ``centred_m2`` where it has one, else by ``in_chunks(backward)`` from per-example
-    gradients, from this use's operands and ``δ``; a captured use does so here (in a
-    ``lax.cond``), a tapped one in ``_exact_where_cancelling``."""
+    gradients, from this use's operands and ``δ`` (in ``_exact_where_cancelling``)."""
     size, iterations = backward.losses.shape[0], math.prod(use.loops)
 
     def rows(a):  # in an opened scan: one row per iteration and example (iteration-major)
@@ -267,27 +268,44 @@ def _fast_leaf(
     m2 = total - norms.shape[0] * jnp.sum(jnp.square(mean.astype(dtype)))
     ghost = LeafStats(norms, jnp.maximum(m2, 0.0))
     cancels = m2 < CANCELLATION_EPS * jnp.finfo(dtype).eps * total
-    if tapped:
-        return ghost, None, _Exact(cancels, exact)
-    return jax.lax.cond(cancels, lambda: exact(backward), lambda: ghost), None, None
+    return ghost, None, _Exact(cancels, exact, tapped)
 
 
 def _exact_where_cancelling(
-    stats: dict[int, LeafStats], exact: dict[int, _Exact], recapture
+    stats: dict[int, LeafStats], exact: dict[int, _Exact], backward: _Backward, recapture
 ) -> dict[int, LeafStats]:
-    """The tapped leaves' statistics, exact where they cancel: one backward pass with
-    captures (``recapture()``) serves them all, inside a ``lax.cond`` taken only when one
-    of them cancels (then every tapped leaf's exact statistics are formed and the
-    cancelling ones kept)."""
+    """The leaves' statistics, exact where they cancel, behind one ``lax.cond`` taken only
+    when some leaf cancels (a GPU waits on the host for each predicate: the common case
+    pays for one). Inside it, a captured leaf is recomputed from ``backward`` in a
+    ``lax.cond`` of its own; the tapped leaves share one backward pass with captures
+    (``recapture()``), run only when one of them cancels (then every tapped leaf's exact
+    statistics are formed and the cancelling ones kept)."""
     leaves = sorted(exact)
+    tapped = [i for i in leaves if exact[i].tapped]
 
-    def exact_m2s():
+    def any_cancels(indices):
+        return functools.reduce(jnp.logical_or, (exact[i].cancels for i in indices))
+
+    def recomputed_tapped():
         b = recapture()
-        return [jnp.where(exact[i].cancels, exact[i].stats(b).m2, stats[i].m2) for i in leaves]
+        return [jnp.where(exact[i].cancels, exact[i].stats(b).m2, stats[i].m2) for i in tapped]
 
-    any_cancels = functools.reduce(jnp.logical_or, (exact[i].cancels for i in leaves))
-    m2s = jax.lax.cond(any_cancels, exact_m2s, lambda: [stats[i].m2 for i in leaves])
-    return {i: stats[i]._replace(m2=m2) for i, m2 in zip(leaves, m2s, strict=True)}
+    def recomputed():
+        out = {
+            i: jax.lax.cond(
+                exact[i].cancels, functools.partial(exact[i].stats, backward), lambda i=i: stats[i]
+            )
+            for i in leaves
+            if not exact[i].tapped
+        }
+        if tapped:
+            m2s = jax.lax.cond(
+                any_cancels(tapped), recomputed_tapped, lambda: [stats[i].m2 for i in tapped]
+            )
+            out |= {i: stats[i]._replace(m2=m2) for i, m2 in zip(tapped, m2s, strict=True)}
+        return out
+
+    return jax.lax.cond(any_cancels(leaves), recomputed, lambda: {i: stats[i] for i in leaves})
 
 
 # Equations whose VJP, taken per example on the exact path, runs a loop: slower than
@@ -338,7 +356,7 @@ def ghost_dispersion(
             mean_grad[leaf] = own_mean.astype(leaves[leaf].dtype)
     exact = {leaf: e for leaf, e in exact.items() if e is not None}
     if exact:
-        stats |= _exact_where_cancelling(stats, exact, recapture)
+        stats |= _exact_where_cancelling(stats, exact, backward, recapture)
     if plan.materialised:
         grads = materialise(*program, backward.captured, backward.deltas, plan.materialised)
         stats |= {leaf: centred(g, backward.mean_grad[leaf]) for leaf, g in grads.items()}
