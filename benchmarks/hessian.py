@@ -1,6 +1,6 @@
 """Hessian trace per probe against one plain batch gradient, side by side in one process.
 
-    python benchmarks/hessian.py [--quick] [--probes M]
+    python benchmarks/hessian.py [--quick] [--probes M] [--models ...] [--no-estimators]
 
 For each model: a jitted plain batch gradient (the baseline), ``hessian_trace`` with
 ``M`` Hutchinson probes (chunks of 1 and of 10 probes), and the two ways of forming one
@@ -180,14 +180,17 @@ def main() -> None:
     parser.add_argument("--estimator-probes", type=int, default=30, help="products, Hutch++ rows")
     parser.add_argument("--seeds", type=int, default=10, help="keys, Hutch++ rows")
     parser.add_argument("--train-steps", type=int, default=200, help="SGD steps, Hutch++ rows")
+    parser.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
+    parser.add_argument("--no-estimators", action="store_true", help="skip the Hutch++ rows")
     args = parser.parse_args()
+    models = MODELS if args.models is None else {m: MODELS[m] for m in args.models.split(",")}
     repeats = 3 if args.quick else 5
     print(f"machine: {machine()}; {args.probes} probes per call")
     header = f"{'model':<24}{'variant':<40}{'ms/probe':>10}{'× grad':>8}"
     print(header)
     print("-" * len(header))
     rows = []
-    for name, (model, batch_size) in MODELS.items():
+    for name, (model, batch_size) in models.items():
         params, loss_fn, make_batch = model(jax.random.key(0))
         batch = make_batch(jax.random.key(1), batch_size)
         key = jax.random.key(2)
@@ -213,11 +216,14 @@ def main() -> None:
             print(f"{name:<24}{'torch plain backward':<40}{1e3 * torch_baseline:>10.2f}{1.0:>8.2f}")
             print(f"{name:<24}{'torch PyHessian (double backward)':<40}"
                   f"{1e3 * per_probe:>10.2f}{ratio:>8.2f}")  # fmt: skip
+    if args.no_estimators:
+        print(f"wrote {save('hessian', rows)}")
+        return
     print(f"\nHutch++ against Hutchinson, {args.estimator_probes} products, {args.seeds} keys")
     header = f"{'model, SGD steps':<34}{'estimator':<12}{'ms':>9}{'mean':>12}{'std/seeds':>11}"
     print(header + f"{'mean stderr':>12}{'err²×time':>10}")
     print("-" * (len(header) + 22))
-    for name, (model, batch_size) in MODELS.items():
+    for name, (model, batch_size) in models.items():
         params, loss_fn, make_batch = model(jax.random.key(0))
         batch = make_batch(jax.random.key(1), batch_size)
         step = _sgd_step(loss_fn)

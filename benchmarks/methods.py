@@ -1,12 +1,15 @@
 """Time per training step of every method, relative to ERM, on VGG16 and PreActResNet18.
 
     python benchmarks/methods.py [--quick] [--width W] [--batch B] [--models vgg16,...]
+                                 [--methods erm,gmp,...]
 
 Each step is the one ``jaxgen train`` runs (``experiments.step.make_train_step``: batch
 statistics, SGD with Nesterov momentum and weight decay, the method's hooks), jitted
 once per method and timed on the same synthetic CIFAR-shaped batch (32×32×3, 10
-classes) in one process, in interleaved blocks after warm-up. Prints a table (ms per
-step, × ERM, images per second) and writes ``benchmarks/results/methods.json``.
+classes) in one process, in interleaved blocks after warm-up. GMP runs in its default
+mode (``"auto"``: the faster one for the backend) and, in rows of their own,
+sequentially. Prints a table (ms per step, × ERM, images per second) and writes
+``benchmarks/results/methods.json``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ METHODS = [
     ("amp", {}),
     ("gmp", {}),
     ("gmp", {"samples": 10}),
+    ("gmp", {"mode": "sequential"}),
+    ("gmp", {"samples": 10, "mode": "sequential"}),
 ]
 
 
@@ -61,15 +66,19 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="base channels (paper: 64)")
     parser.add_argument("--batch", type=int, default=50, help="batch size (paper: 50)")
     parser.add_argument("--models", default=MODELS, help="comma-separated")
+    parser.add_argument("--methods", help="comma-separated subset (default: all; erm always)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    header = f"{'model':<16}{'method':<18}{'ms/step':>10}{'× ERM':>8}{'images/s':>10}"
+    header = f"{'model':<16}{'method':<32}{'ms/step':>10}{'× ERM':>8}{'images/s':>10}"
     print(header)
     print("-" * len(header))
     rows = []
     for model_name in args.models.split(","):
         calls = {}
+        chosen = None if args.methods is None else {"erm", *args.methods.split(",")}
         for name, fields in METHODS:
+            if chosen is not None and name not in chosen:
+                continue
             label = name + "".join(f" {k}={v}" for k, v in fields.items())
             calls[label] = _step(model_name, name, fields, args.width, args.batch)
         # A CPU step takes seconds: one call per block; a GPU step milliseconds.
@@ -79,9 +88,10 @@ def main() -> None:
             ratio = seconds / medians["erm"]
             rows.append({"model": model_name, "method": label, "ms": 1e3 * seconds,
                          "ratio": ratio, "images_per_second": args.batch / seconds})  # fmt: skip
-            print(f"{model_name:<16}{label:<18}{1e3 * seconds:>10.1f}{ratio:>8.2f}"
+            print(f"{model_name:<16}{label:<32}{1e3 * seconds:>10.1f}{ratio:>8.2f}"
                   f"{args.batch / seconds:>10.0f}")  # fmt: skip
     suffix = "" if args.models == MODELS else "-" + args.models.replace(",", "-")
+    suffix += "" if args.methods is None else "-" + args.methods.replace(",", "-")
     print(f"wrote {save('methods' + suffix, rows)}")
 
 

@@ -22,7 +22,7 @@ from jaxgen import _checks, _chunks
 from jaxgen._random import as_key, gaussian_like
 from jaxgen._types import PyTree
 
-_MODES = ("auto", "vmap", "sequential")
+MODES = ("auto", "vmap", "sequential")
 
 
 def _resolve(mode: str, sharded: bool) -> str:
@@ -104,7 +104,7 @@ def gmp(
     _checks.integer("num_samples", num_samples, minimum=1)
     _checks.non_negative("sigma", sigma)
     _checks.unit_interval("rho", rho)
-    _checks.choice("mode", mode, _MODES)
+    _checks.choice("mode", mode, MODES)
     key = as_key(key)
 
     def init_fn(params: PyTree) -> GMPState:

@@ -42,6 +42,7 @@ def test_bad_configurations_name_the_field(change, message):
     [
         ("gmp", {"rho": 1.5}, r"gmp_rho must lie in \[0, 1\], got 1.5"),
         ("gmp", {"samples": 0}, "gmp_samples must be an integer >= 1, got 0"),
+        ("gmp", {"mode": "pmap"}, "gmp_mode must be one of auto, vmap, sequential, got 'pmap'"),
         ("dgc", {"start_epoch": -1}, "dgc_start_epoch must be an integer >= 0, got -1"),
         ("dgc", {"alpha": 0.0}, r"dgc_alpha must lie in \(0, 1\], got 0.0"),
         ("dgc", {"alpha": 2.0}, r"dgc_alpha must lie in \(0, 1\], got 2.0"),

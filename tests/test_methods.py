@@ -20,7 +20,7 @@ from jaxgen.experiments.step import TrainState, make_train_step
 
 PAPER_DEFAULTS = {  # Wang & Mao (ICLR 2022), "GMP tables" and Algorithm 1
     "erm": {},
-    "gmp": {"samples": 3, "sigma": 0.03, "rho": 0.5},
+    "gmp": {"samples": 3, "sigma": 0.03, "rho": 0.5, "mode": "auto"},  # mode: how, not what
     "amp": {"epsilon": 0.5, "inner_lr": 1.0, "inner_steps": 1},
     "sam": {"rho": 0.05},
     "dgc": {"alpha": 0.1, "initial_norm": 50.0, "start_epoch": 15},
@@ -30,6 +30,19 @@ PAPER_DEFAULTS = {  # Wang & Mao (ICLR 2022), "GMP tables" and Algorithm 1
     "mixup": {"alpha": 1.0},
     "adversarial": {"epsilon": 1 / 255},
 }
+
+
+@pytest.mark.parametrize(
+    "mode, loops", [("sequential", True), ("vmap", False), ("auto", jax.default_backend() == "cpu")]
+)
+def test_gmp_mode_says_how_the_perturbed_gradients_run(mode, loops):
+    """``--gmp-mode`` reaches ``jaxgen.gmp``: sequential passes run in a ``scan``, batched
+    ones in one ``vmap``; ``auto`` is sequential on a CPU."""
+    params = {"w": jnp.ones((3, 2))}
+    grad_fn = jax.grad(lambda p: jnp.sum(jnp.tanh(p["w"]) ** 2))
+    transform = methods.make("gmp", mode=mode).transform(key=jax.random.key(0), steps_per_epoch=1)
+    update = lambda p, s: transform.update(grad_fn(p), s, p, grad_fn=grad_fn)[0]  # noqa: E731
+    assert (" scan[" in str(jax.make_jaxpr(update)(params, transform.init(params)))) == loops
 
 
 def mlp_loss(params, example):

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxgen
+from jaxgen._gmp import MODES as GMP_MODES
 from jaxgen._types import LossFn, PyTree
 from jaxgen.experiments import options
 from jaxgen.experiments.options import (
@@ -139,13 +140,24 @@ class GMP(Method):
     samples: int = options.option(3, "GMP: k, perturbations per step (paper: 3, 10)", POSITIVE_INT)
     sigma: float = options.option(0.03, "GMP: σ of each perturbation", POSITIVE)
     rho: float = options.option(0.5, "GMP: ρ, the weight of the perturbed gradients", UNIT)
+    mode: str = options.option(
+        "auto",
+        "GMP: how the k perturbed gradients are evaluated (jaxgen.gmp; auto: the faster for "
+        "the backend, vmap on accelerators, sequential on a CPU)",
+        options.one_of(GMP_MODES),
+    )
 
     def transform(self, *, key, steps_per_epoch, mesh=None):
         sharding = None
         if mesh is not None and "perturb" in mesh.axis_names:  # k passes over "perturb"
             sharding = NamedSharding(mesh, PartitionSpec("perturb"))
         return jaxgen.gmp(
-            self.samples, self.sigma, self.rho, key=key, perturbation_sharding=sharding
+            self.samples,
+            self.sigma,
+            self.rho,
+            key=key,
+            mode=self.mode,
+            perturbation_sharding=sharding,
         )
 
     def summary(self):
