@@ -14,8 +14,9 @@ bound through ``Tr H``, σ* and the flatness; GMP's perturbations and the label 
 changed too, so those two runs (``gmp``, ``label-noise``) follow other trajectories
 and are not compared. What the streams do not touch was then still equal bit for bit;
 since the ghost path's exact fallback for cancelling layers (``lax.cond``, now one
-around all layers) changed how XLA fuses its float32 reductions, it is equal to float32 rounding (1e-6
-relative), and what the streams touch must still be assembled into the bounds as before.
+around all layers) changed how XLA fuses its float32 reductions, it is equal to float32
+rounding (1e-6 relative), and what the streams touch must still be assembled into the
+bounds as before.
 """
 
 import json
