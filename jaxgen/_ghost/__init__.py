@@ -39,7 +39,8 @@ all tapped leaves, only when one of them cancels (``_exact_where_cancelling``).
 
 Then, per parameter leaf, ``Σ_i ‖g_i − ḡ‖² = Σ_i ‖g_i‖² − b ‖ḡ‖²`` (a leaf whose
 per-example gradients are at hand is centred exactly instead, and so is a ghost leaf
-whose difference cancels, see ``CANCELLATION_EPS``). Constants, literals and closed-over
+whose difference cancels, see ``CANCELLATION_EPS``, behind one ``lax.cond`` for all
+leaves: ``_exact_where_cancelling``). Constants, literals and closed-over
 values may appear in any operand of any equation: the exact path passes them to the
 equation's VJP unchanged.
 """
