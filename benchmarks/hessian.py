@@ -173,6 +173,34 @@ def _estimator_rows(name, params, loss_fn, batch, probes: int, seeds: int, repea
     return rows
 
 
+def _estimator_table(models, args, repeats: int) -> list[dict]:
+    """Hutch++ against Hutchinson for each model: prints the table, returns its rows."""
+    rows = []
+    print(f"\nHutch++ against Hutchinson, {args.estimator_probes} products, {args.seeds} keys")
+    header = f"{'model, SGD steps':<34}{'estimator':<12}{'ms':>9}{'mean':>12}{'std/seeds':>11}"
+    print(header + f"{'mean stderr':>12}{'err²×time':>10}")
+    print("-" * (len(header) + 22))
+    for name, (model, batch_size) in models.items():
+        params, loss_fn, make_batch = model(jax.random.key(0))
+        batch = make_batch(jax.random.key(1), batch_size)
+        step = _sgd_step(loss_fn)
+        for steps in (0, args.train_steps):
+            trained = params
+            for _ in range(steps):
+                trained = step(trained, batch)
+            for row in _estimator_rows(
+                name, trained, loss_fn, batch, args.estimator_probes, args.seeds, repeats
+            ):
+                rows.append(row | {"sgd_steps": steps})
+                label = f"{name}, {steps} steps"
+                print(
+                    f"{label:<34}{row['estimator']:<12}{row['ms']:>9.1f}{row['mean']:>12.4g}"
+                    f"{row['std_over_seeds']:>11.3g}{row['mean_stderr']:>12.3g}"
+                    f"{row['error2_x_time']:>10.2f}"
+                )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -216,31 +244,8 @@ def main() -> None:
             print(f"{name:<24}{'torch plain backward':<40}{1e3 * torch_baseline:>10.2f}{1.0:>8.2f}")
             print(f"{name:<24}{'torch PyHessian (double backward)':<40}"
                   f"{1e3 * per_probe:>10.2f}{ratio:>8.2f}")  # fmt: skip
-    if args.no_estimators:
-        print(f"wrote {save('hessian', rows)}")
-        return
-    print(f"\nHutch++ against Hutchinson, {args.estimator_probes} products, {args.seeds} keys")
-    header = f"{'model, SGD steps':<34}{'estimator':<12}{'ms':>9}{'mean':>12}{'std/seeds':>11}"
-    print(header + f"{'mean stderr':>12}{'err²×time':>10}")
-    print("-" * (len(header) + 22))
-    for name, (model, batch_size) in models.items():
-        params, loss_fn, make_batch = model(jax.random.key(0))
-        batch = make_batch(jax.random.key(1), batch_size)
-        step = _sgd_step(loss_fn)
-        for steps in (0, args.train_steps):
-            trained = params
-            for _ in range(steps):
-                trained = step(trained, batch)
-            for row in _estimator_rows(
-                name, trained, loss_fn, batch, args.estimator_probes, args.seeds, repeats
-            ):
-                rows.append(row | {"sgd_steps": steps})
-                label = f"{name}, {steps} steps"
-                print(
-                    f"{label:<34}{row['estimator']:<12}{row['ms']:>9.1f}{row['mean']:>12.4g}"
-                    f"{row['std_over_seeds']:>11.3g}{row['mean_stderr']:>12.3g}"
-                    f"{row['error2_x_time']:>10.2f}"
-                )
+    if not args.no_estimators:
+        rows += _estimator_table(models, args, repeats)
     print(f"wrote {save('hessian', rows)}")
 
 

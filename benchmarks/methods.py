@@ -73,9 +73,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     rows = []
+    chosen = None if args.methods is None else {"erm", *args.methods.split(",")}
     for model_name in args.models.split(","):
         calls = {}
-        chosen = None if args.methods is None else {"erm", *args.methods.split(",")}
         for name, fields in METHODS:
             if chosen is not None and name not in chosen:
                 continue
