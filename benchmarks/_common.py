@@ -35,6 +35,17 @@ def median_seconds(
     return statistics.median(times)
 
 
+def first_call_seconds(calls: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]) -> dict:
+    """Wall time of each ``fn(*args)``'s first call, blocked on: its tracing and
+    compilation, plus one run (on a GPU, compilation includes XLA's autotuning)."""
+    seconds = {}
+    for name, (fn, args) in calls.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def interleaved_medians(
     calls: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]],
     *,

@@ -10,7 +10,8 @@ microbatches of 32; the bare per-example gradients ``vmap(grad)``; and, where Py
 and BackPACK are installed (``pip install -e .[peers]``), PyTorch's plain backward,
 BackPACK's ``Variance`` + ``BatchL2Grad`` extensions and ``torch.func`` per-example
 gradients on the same architecture and batch. Ratios are to the baseline of the same
-framework; memory is XLA's compiled estimate (arguments + outputs + temporaries). A
+framework; memory is XLA's compiled estimate (arguments + outputs + temporaries); the first
+call's time (tracing, compilation and one run) is printed beside it. A
 last line per model and batch gives what the vmap path's centring costs over forming
 the per-example gradients, ``(vmap − vmap(grad) alone) / vmap(grad) alone`` (target
 ≤ 1). Prints a table and writes ``benchmarks/results/dispersion.json``.
@@ -27,6 +28,7 @@ import jax
 from _common import (
     checkpointed_mlp,
     cnn,
+    first_call_seconds,
     interleaved_medians,
     machine,
     mean_loss,
@@ -132,6 +134,7 @@ def main() -> None:
     rows = []
     print(f"machine: {machine()}")
     header = f"{'model':<24}{'batch':>6}  {'method':<32}{'ms':>10}{'× grad':>9}{'memory MB':>11}"
+    header += f"{'first call s':>14}"
     print(header)
     print("-" * len(header))
     chosen = args.models.split(",") if args.models else list(MODELS)
@@ -140,10 +143,9 @@ def main() -> None:
         for size in sizes:
             batch = make_batch(jax.random.key(1), size)
             variants = _jax_variants(loss_fn, with_vmap=True)
-            medians = interleaved_medians(
-                {method: (fn, (params, batch)) for method, fn in variants.items()},
-                repeats=repeats,
-            )
+            calls = {method: (fn, (params, batch)) for method, fn in variants.items()}
+            first = first_call_seconds(calls)
+            medians = interleaved_medians(calls, repeats=repeats)
             results = [
                 (method, medians[method], peak_bytes(fn, params, batch))
                 for method, fn in variants.items()
@@ -160,9 +162,11 @@ def main() -> None:
                         "ms": seconds * 1e3,
                         "ratio": seconds / base,
                         "memory_bytes": memory,
+                        "first_call_s": first.get(label),
                     }
                 )
                 memory_text = "" if memory is None else f"{memory / 2**20:>11.1f}"
+                memory_text += "" if label not in first else f"{first[label]:>14.1f}"
                 print(
                     f"{name:<24}{size:>6}  {label:<32}{seconds * 1e3:>10.2f}"
                     f"{seconds / base:>9.2f}{memory_text}"

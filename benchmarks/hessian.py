@@ -7,7 +7,10 @@ For each model: a jitted plain batch gradient (the baseline), ``hessian_trace`` 
 ``H v`` that jaxgen does not use: forward-over-reverse (``jvp`` of ``grad``) and the
 gradient linearized once, applied to each probe, both as straight rows of probes like
 ``hessian_trace``; and, in a ``lax.map`` loop, what ``hessian_trace`` did before (the
-XLA:CPU convolution-in-a-loop slowdown). Where PyTorch is installed
+XLA:CPU convolution-in-a-loop slowdown), and ``hessian_trace`` with its rows of probes in
+a ``lax.map`` (what ``jaxgen._chunks.map_in_rows`` does beyond ``MAX_UNROLLED`` rows).
+Each variant's first call (tracing, compilation and one run) is timed too: unrolled rows
+cost compile time. Where PyTorch is installed
 (``pip install -e .[peers]``): its plain backward and PyHessian's Hutchinson step
 (double backward, ``vᵀ H v`` per probe) on the same architecture and batch. Times per
 probe are divided by the plain gradient of the same framework.
@@ -31,6 +34,7 @@ import numpy as np
 import optax
 from _common import (
     cnn,
+    first_call_seconds,
     interleaved_medians,
     machine,
     mean_loss,
@@ -43,6 +47,7 @@ from _common import (
 )
 
 import jaxgen
+from jaxgen import _chunks
 from jaxgen._chunks import map_in_rows
 from jaxgen._random import rademacher_like
 
@@ -76,15 +81,25 @@ def _hvp_variants(loss_fn, probes: int):
 
         return map_in_rows(sample, jax.random.split(key, probes), chunk)
 
-    def trace(params, batch, key, chunk):
+    def trace(params, batch, key, chunk, loss_fn=loss_fn):
         return jaxgen.hessian_trace(
             loss_fn, params, batch, key=key, num_probes=probes, chunk_size=chunk
         ).value
+
+    def trace_rows_in_loop(params, batch, key, chunk):
+        # MAX_UNROLLED is read when traced; a loss of its own, so that hessian_trace's
+        # jit cache does not hand back the unrolled program
+        unrolled, _chunks.MAX_UNROLLED = _chunks.MAX_UNROLLED, 0
+        try:
+            return trace(params, batch, key, chunk, loss_fn=lambda p, e: loss_fn(p, e))
+        finally:
+            _chunks.MAX_UNROLLED = unrolled
 
     jit = functools.partial(jax.jit, static_argnums=3)
     return {
         "hessian_trace, chunk 1": (jit(trace), 1),
         "hessian_trace, chunk 10": (jit(trace), 10),
+        "hessian_trace, chunk 10, rows in lax.map": (jit(trace_rows_in_loop), 10),
         "fwd-over-rev H v, chunk 1": (jit(fwd_over_rev), 1),
         "linearized H v, chunk 1": (jit(linearized), 1),
         "fwd-over-rev H v in lax.map (before)": (
@@ -214,7 +229,7 @@ def main() -> None:
     models = MODELS if args.models is None else {m: MODELS[m] for m in args.models.split(",")}
     repeats = 3 if args.quick else 5
     print(f"machine: {machine()}; {args.probes} probes per call")
-    header = f"{'model':<24}{'variant':<40}{'ms/probe':>10}{'× grad':>8}"
+    header = f"{'model':<24}{'variant':<40}{'ms/probe':>10}{'× grad':>8}{'first call s':>14}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -225,17 +240,20 @@ def main() -> None:
         calls = {"plain grad": (jax.jit(jax.grad(mean_loss(loss_fn))), (params, batch))}
         for label, (fn, chunk) in _hvp_variants(loss_fn, args.probes).items():
             calls[label] = (fn, (params, batch, key, chunk))
+        first = first_call_seconds(calls)
         medians = interleaved_medians(calls, repeats=repeats, block_time=0.0)
         baseline = medians.pop("plain grad")
         measured = [(label, seconds / args.probes) for label, seconds in medians.items()]
         torch_rows = _torch_rows(name, batch_size, args.probes, repeats)
         torch_baseline = dict(torch_rows).pop("torch plain backward", None)
-        print(f"{name:<24}{'plain grad':<40}{1e3 * baseline:>10.2f}{1.0:>8.2f}")
+        print(f"{name:<24}{'plain grad':<40}{1e3 * baseline:>10.2f}{1.0:>8.2f}"
+              f"{first['plain grad']:>14.1f}")  # fmt: skip
         for label, per_probe in measured:
             ratio = per_probe / baseline
             rows.append({"model": name, "variant": label, "ms_per_probe": 1e3 * per_probe,
-                         "ratio": ratio})  # fmt: skip
-            print(f"{name:<24}{label:<40}{1e3 * per_probe:>10.2f}{ratio:>8.2f}")
+                         "ratio": ratio, "first_call_s": first[label]})  # fmt: skip
+            print(f"{name:<24}{label:<40}{1e3 * per_probe:>10.2f}{ratio:>8.2f}"
+                  f"{first[label]:>14.1f}")  # fmt: skip
         if torch_baseline:
             per_probe = dict(torch_rows)["torch PyHessian (double backward)"] / args.probes
             ratio = per_probe / torch_baseline
