@@ -3,11 +3,14 @@
 Every estimator that averages over random draws (Hutchinson probes, the exact trace's
 basis vectors, flatness and sensitivity samples) evaluates ``fn`` on ``chunk_size`` draws
 at a time under ``vmap`` and the rows one after another. The rows are unrolled into
-straight-line code, not a ``lax.map`` (a while loop): XLA:CPU runs convolutions inside
-loops about 40× slower than outside them (``benchmarks/hessian.py``), while straight
-rows cost only compile time, proportional to their number. Beyond ``MAX_UNROLLED`` rows
-(e.g. the exact trace of a model with many parameters) the rows run in a loop.
-``loops_are_slow`` tells other loops (GMP's perturbations) when to do the same.
+straight-line code on a CPU, not a ``lax.map`` (a while loop): XLA:CPU runs convolutions
+inside loops about 40× slower than outside them (``benchmarks/hessian.py``), while
+straight rows cost only compile time, proportional to their number. Beyond
+``MAX_UNROLLED`` rows (e.g. the exact trace of a model with many parameters) the rows run
+in a loop. On other backends they always do: on an H100 the rows ran as fast in a loop as
+unrolled, and 20 unrolled rows took 5× as long to compile (``benchmarks/hessian.py``,
+its ``first call s`` column). ``loops_are_slow`` tells other loops (GMP's perturbations)
+when to unroll.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ def map_in_rows(
     chunk_size: int,
     *,
     row_constraint: Callable[[jax.Array], jax.Array] | None = None,
+    unroll: bool | None = None,
 ) -> jax.Array:
     """``vmap(fn)(xs)``, computed ``chunk_size`` elements of ``xs`` at a time.
 
     ``row_constraint`` is applied to each row of inputs (e.g. a sharding constraint that
     spreads the row over devices). The last row is padded by repeating inputs, whose
-    outputs are dropped.
+    outputs are dropped. ``unroll``: the rows in straight-line code (``True``) or in a
+    ``lax.map`` (``False``); by default unrolled on a CPU backend, up to ``MAX_UNROLLED``.
     """
     count = xs.shape[0]
     width = min(chunk_size, count)
@@ -45,7 +50,9 @@ def map_in_rows(
             row_xs = row_constraint(row_xs)
         return jax.vmap(fn)(row_xs)
 
-    if rows <= MAX_UNROLLED:
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu" and rows <= MAX_UNROLLED
+    if unroll:
         out = jnp.concatenate([row(padded[r]) for r in range(rows)])
     else:
         out = jax.lax.map(row, padded)

@@ -168,11 +168,11 @@ def hessian_trace(
     gradient per probe; losses containing a ``jax.custom_vjp``, which forward mode cannot
     differentiate, use a forward-over-reverse ``H v`` from the gradient linearized once).
     Probes are evaluated ``chunk_size`` at a time under ``vmap``, the rows of probes one
-    after another in straight-line code (``jaxgen._chunks``: XLA:CPU runs convolutions
-    inside loops ~40× slower). The standard error is the sample standard deviation of
-    ``v_jᵀ H v_j`` over ``√m``. ``"exact"`` sums the diagonal ``e_kᵀ H e_k`` over all
-    ``P`` coordinates (``P`` quadratic forms): for small models and for checking the
-    estimate.
+    after another: in straight-line code on a CPU (``jaxgen._chunks``: XLA:CPU runs
+    convolutions inside loops ~40× slower), in a ``lax.map`` elsewhere. The standard
+    error is the sample standard deviation of ``v_jᵀ H v_j`` over ``√m``. ``"exact"``
+    sums the diagonal ``e_kᵀ H e_k`` over all ``P`` coordinates (``P`` quadratic forms):
+    for small models and for checking the estimate.
 
     ``"hutch++"`` (Meyer, Musco, Musco & Woodruff, *Hutch++: Optimal Stochastic Trace
     Estimation*, SOSA 2021) spends the same ``m`` products in thirds: ``k = ⌊m/3⌋``
@@ -198,8 +198,8 @@ def hessian_trace(
       num_probes: number of Rademacher probes ``m`` (Hutch++: of products, ``≥ 3``).
       method: ``"hutchinson"``, ``"hutch++"`` or ``"exact"``.
       chunk_size: probes (or basis vectors) evaluated together under ``vmap`` (memory);
-        ``ceil(m / chunk_size)`` rows are compiled one after another (compile time), up
-        to 32 rows, beyond which they run in a loop.
+        on a CPU, ``ceil(m / chunk_size)`` rows are compiled one after another (compile
+        time), up to 32 rows, beyond which (and on other backends) they run in a loop.
       probe_sharding: a ``NamedSharding`` that spreads the Hutchinson probes over mesh
         axes, e.g. ``NamedSharding(mesh, PartitionSpec("data"))`` (``jaxgen.make_mesh``):
         the probes are evaluated in rows of ``chunk_size`` rounded up to a multiple of

@@ -41,3 +41,19 @@ def test_map_in_rows_is_vmap_in_any_row_width_unrolled_or_looped():
     xs = jnp.arange(40.0)
     for width in (1, 3, 7, 40, 50):  # 40 rows of one: more than MAX_UNROLLED, a loop
         np.testing.assert_allclose(map_in_rows(jnp.sin, xs, width), jnp.sin(xs))
+
+
+def _loops(fn, *args) -> bool:
+    names = {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+    return bool(names & {"scan", "while"})
+
+
+def test_rows_are_unrolled_on_a_cpu_only_and_up_to_max_unrolled():
+    xs = jnp.arange(12.0)
+    for unroll in (True, False):
+        rows = lambda xs, unroll=unroll: map_in_rows(jnp.sin, xs, 4, unroll=unroll)  # noqa: E731
+        assert _loops(rows, xs) is not unroll
+        np.testing.assert_allclose(rows(xs), jnp.sin(xs), rtol=1e-6)
+    on_cpu = jax.default_backend() == "cpu"
+    assert _loops(lambda xs: map_in_rows(jnp.sin, xs, 4), xs) is not on_cpu
+    assert _loops(lambda xs: map_in_rows(jnp.sin, xs, 1), jnp.arange(40.0))  # 40 > MAX_UNROLLED
