@@ -10,12 +10,20 @@ def small():
 
 
 def test_mnist1d_is_generated_offline_and_deterministic(small):
-    again = data.mnist1d(num_samples=500)
+    again = data.mnist1d.__wrapped__(num_samples=500)  # generated anew, not the cached one
     assert small.x_train.shape == (400, 40) and small.x_test.shape == (100, 40)
     assert small.x_train.dtype == np.float32 and small.y_train.dtype == np.int32
     np.testing.assert_array_equal(small.x_train, again.x_train)
     assert not small.noisy_mask.any()
     np.testing.assert_array_equal(small.y_train, small.y_train_clean)
+
+
+def test_mnist1d_is_generated_once_per_process_and_read_only(small):
+    assert data.mnist1d(num_samples=500) is small
+    with pytest.raises(ValueError, match="read-only"):
+        small.y_train[0] = 1
+    other = data.mnist1d(num_samples=500, seed=7)
+    assert not np.array_equal(other.x_train, small.x_train)
 
 
 @pytest.mark.parametrize("always_wrong", [False, True])
