@@ -71,12 +71,19 @@ def _inner_jaxprs(eqn) -> list[jcore.Jaxpr]:
     return inner
 
 
-def convolves(jaxpr: jcore.Jaxpr) -> bool:
-    """Whether ``jaxpr``, or a jaxpr inside one of its equations, has a convolution."""
+def has_primitive(jaxpr: jcore.Jaxpr, names: tuple[str, ...]) -> bool:
+    """Whether ``jaxpr``, or a jaxpr inside one of its equations, has an equation whose
+    primitive's name starts with one of ``names``."""
     return any(
-        eqn.primitive.name == "conv_general_dilated" or any(map(convolves, _inner_jaxprs(eqn)))
+        eqn.primitive.name.startswith(names)
+        or any(has_primitive(inner, names) for inner in _inner_jaxprs(eqn))
         for eqn in jaxpr.eqns
     )
+
+
+def convolves(jaxpr: jcore.Jaxpr) -> bool:
+    """Whether ``jaxpr``, or a jaxpr inside one of its equations, has a convolution."""
+    return has_primitive(jaxpr, ("conv_general_dilated",))
 
 
 def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:

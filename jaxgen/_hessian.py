@@ -16,7 +16,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxgen import _checks
-from jaxgen._chunks import map_in_rows
+from jaxgen._chunks import has_primitive, map_in_rows
 from jaxgen._flatness import mean_and_stderr
 from jaxgen._per_example import mean_loss
 from jaxgen._random import rademacher_like
@@ -51,14 +51,15 @@ def _shard_count(sharding: jax.sharding.NamedSharding) -> int:
     return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
-def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree):
-    """``v ↦ vᵀ H v`` at ``params``.
+def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree, hvp=None):
+    """``v ↦ vᵀ H v`` at ``params`` (``hvp``: an ``H v`` at hand for the fallback below).
 
     The second directional derivative ``d²/dε² L_B(w + εv)`` at ``ε = 0``, by forward mode
     over forward mode: no backward pass and no stored activations, about 1.1–1.3× a
     gradient per probe (``benchmarks/hessian.py``; a forward-over-reverse ``H v`` costs
     about 2× and then needs a dot product). Losses that forward mode cannot differentiate
-    (``jax.custom_vjp`` inside) use ``vᵀ(H v)`` from the gradient linearized once instead.
+    (a ``jax.custom_vjp`` inside, at any depth) use ``vᵀ(H v)`` from the gradient
+    linearized once instead.
     """
 
     def directional(w, v):
@@ -67,12 +68,11 @@ def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree):
     def forward_over_forward(v):
         return jax.jvp(lambda w: directional(w, v), (params,), (v,))[1]
 
-    try:
-        jax.eval_shape(forward_over_forward, params)
+    one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    if not has_primitive(jax.make_jaxpr(loss_fn)(params, one).jaxpr, ("custom_vjp",)):
         return forward_over_forward
-    except TypeError:  # "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
-        hvp = _hvp_fn(loss_fn, params, batch)
-        return lambda v: optax.tree.vdot(v, hvp(v))
+    hvp = hvp or _hvp_fn(loss_fn, params, batch)
+    return lambda v: optax.tree.vdot(v, hvp(v))
 
 
 def _hvp_fn(loss_fn: LossFn, params: PyTree, batch: PyTree):
@@ -113,8 +113,8 @@ def _hutchinson(loss_fn, params, batch, key, num_probes, chunk_size, probe_shard
 )
 def _hutch_plus_plus(loss_fn, params, batch, key, num_probes, chunk_size, probe_sharding):
     flat, unravel = ravel_pytree(params)
-    quadratic_form = _quadratic_form_fn(loss_fn, params, batch)
     hvp = _hvp_fn(loss_fn, params, batch)
+    quadratic_form = _quadratic_form_fn(loss_fn, params, batch, hvp)  # one linearization
     sketch_size = num_probes // 3
     residual_size = num_probes - 2 * sketch_size
     keys = jax.random.split(key, num_probes - sketch_size)

@@ -51,6 +51,61 @@ def test_exact_matches_softmax_regression_closed_form():
     np.testing.assert_allclose(exact.value, closed_form, rtol=1e-5)
 
 
+@jax.custom_vjp
+def _softplus(x):
+    return jnp.logaddexp(x, 0.0)
+
+
+_softplus.defvjp(lambda x: (_softplus(x), x), lambda x, g: (g * jax.nn.sigmoid(x),))
+
+
+def _custom_vjp_loss(w, z):
+    return jnp.sum(_softplus(z["x"] @ w) * z["y"])
+
+
+def _primitive_count(jaxpr, name):
+    inner = [
+        item.jaxpr if hasattr(item, "jaxpr") else item
+        for eqn in jaxpr.eqns
+        for value in eqn.params.values()
+        for item in (value if isinstance(value, tuple | list) else (value,))
+        if hasattr(item, "eqns") or hasattr(getattr(item, "jaxpr", None), "eqns")
+    ]
+    own = sum(eqn.primitive.name == name for eqn in jaxpr.eqns)
+    return own + sum(_primitive_count(j, name) for j in inner)
+
+
+def test_a_custom_vjp_loss_takes_its_hessian_from_the_gradient_linearized_once():
+    """Forward mode cannot differentiate a custom_vjp: the quadratic forms come from a
+    forward-over-reverse H v, against a float64 reverse-over-reverse Hessian, and
+    Hutch++ shares one linearization between its sketch and its quadratic forms."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    batch = {"x": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "y": jnp.ones((5, 2))}
+    with jax.enable_x64(True):
+        batch64 = _to64(batch)
+
+        def mean_loss(flat):
+            losses = jax.vmap(_custom_vjp_loss, in_axes=(None, 0))(flat.reshape(3, 2), batch64)
+            return jnp.mean(losses)
+
+        hessian = jax.jacrev(jax.jacrev(mean_loss))(jnp.asarray(w, jnp.float64).ravel())
+        reference = float(jnp.trace(hessian))
+    exact = jaxgen.hessian_trace(_custom_vjp_loss, w, batch, method="exact")
+    np.testing.assert_allclose(exact.value, reference, rtol=1e-5)
+    spanned = jaxgen.hessian_trace(
+        _custom_vjp_loss, w, batch, key=jax.random.key(0), num_probes=18, method="hutch++"
+    )  # a sketch of 6 = P directions: exact
+    np.testing.assert_allclose(spanned.value, reference, rtol=1e-4)
+
+    def hutch_plus_plus(w):
+        return jaxgen.hessian_trace(
+            _custom_vjp_loss, w, batch, key=jax.random.key(0), num_probes=6, method="hutch++"
+        ).value
+
+    assert _primitive_count(jax.make_jaxpr(hutch_plus_plus)(w).jaxpr, "logistic") == 1
+
+
 def test_hutchinson_is_within_a_few_standard_errors_of_exact(mlp):
     params, batch = mlp
     exact = float(jaxgen.hessian_trace(mlp_loss, params, batch, method="exact").value)
