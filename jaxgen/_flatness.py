@@ -22,6 +22,7 @@ import optax
 
 from jaxgen import _checks
 from jaxgen._chunks import map_in_rows
+from jaxgen._hvp import has_custom_vjp, hvp_fn
 from jaxgen._per_example import _sq_norms, mean_loss
 from jaxgen._random import gaussian_like, rademacher_like
 from jaxgen._types import LossFn, PyTree
@@ -142,16 +143,19 @@ def _sensitivity(loss_fn, params, batch, key, sigma, num_samples, chunk_size):
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_samples"))
 def _second_order_sensitivity(loss_fn, params, batch, key, sigma, num_samples):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    grad = jax.grad(loss_fn)
+    custom_vjp = has_custom_vjp(loss_fn, params, jax.tree_util.tree_map(lambda x: x[0], batch))
 
-    def probe_sample(example, probe_key):
-        probe = rademacher_like(probe_key, params)
-        hv = jax.jvp(lambda p: grad(p, example), (params,), (probe,))[1]
-        return sigma**2 * optax.tree.norm(hv, squared=True)
+    def one_example(example, probe_keys):
+        hvp = hvp_fn(lambda p: loss_fn(p, example), params, custom_vjp=custom_vjp)
+
+        def probe_sample(probe_key):
+            hv = hvp(rademacher_like(probe_key, params))
+            return sigma**2 * optax.tree.norm(hv, squared=True)
+
+        return jnp.mean(jax.vmap(probe_sample)(probe_keys))
 
     keys = jax.random.split(key, size * num_samples).reshape(size, num_samples)
-    per_example = jax.vmap(lambda z, k: jnp.mean(jax.vmap(probe_sample, (None, 0))(z, k)))
-    return mean_and_stderr(per_example(batch, keys), size)
+    return mean_and_stderr(jax.vmap(one_example)(batch, keys), size)
 
 
 def gradient_sensitivity(
@@ -176,7 +180,8 @@ def gradient_sensitivity(
       the draws.
     - ``"second_order"``: ``∇ℓ(w + ζ) − ∇ℓ(w) ≈ H_Z ζ``, so ``Ψ ≈ σ² E_Z ‖H_Z‖_F²``, with
       ``‖H_z‖_F² = E_v ‖H_z v‖²`` for Rademacher ``v`` (``num_samples`` probes per
-      example, one Hessian-vector product each). Exact for quadratic losses, linear in
+      example, one Hessian-vector product each, from the example's gradient linearized
+      once, or its VJP for a loss with a ``jax.custom_vjp``). Exact for quadratic losses, linear in
       ``σ²``: with ``sigma=1`` the value is ``E_Z ‖H_Z‖_F²`` itself, which a training
       loop can measure once and scale by each step's variance. The standard error is
       over the examples (each one's probes averaged), since ``Ψ`` is an expectation

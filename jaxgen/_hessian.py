@@ -16,8 +16,9 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxgen import _checks
-from jaxgen._chunks import has_primitive, map_in_rows
+from jaxgen._chunks import map_in_rows
 from jaxgen._flatness import mean_and_stderr
+from jaxgen._hvp import has_custom_vjp, hvp_fn
 from jaxgen._per_example import mean_loss
 from jaxgen._random import rademacher_like
 from jaxgen._types import LossFn, PyTree
@@ -58,9 +59,11 @@ def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree, hvp=None)
     over forward mode: no backward pass and no stored activations, about 1.1–1.3× a
     gradient per probe (``benchmarks/hessian.py``; a forward-over-reverse ``H v`` costs
     about 2× and then needs a dot product). Losses that forward mode cannot differentiate
-    (a ``jax.custom_vjp`` inside, at any depth) use ``vᵀ(H v)`` from the gradient
-    linearized once instead.
+    (a ``jax.custom_vjp`` inside, at any depth) use ``vᵀ(H v)`` instead (``jaxgen._hvp``).
     """
+    if _has_custom_vjp(loss_fn, params, batch):
+        hvp = hvp or _hvp_fn(loss_fn, params, batch)
+        return lambda v: optax.tree.vdot(v, hvp(v))
 
     def directional(w, v):
         return jax.jvp(lambda u: mean_loss(loss_fn, u, batch), (w,), (v,))[1]
@@ -68,17 +71,18 @@ def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree, hvp=None)
     def forward_over_forward(v):
         return jax.jvp(lambda w: directional(w, v), (params,), (v,))[1]
 
-    one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-    if not has_primitive(jax.make_jaxpr(loss_fn)(params, one).jaxpr, ("custom_vjp",)):
-        return forward_over_forward
-    hvp = hvp or _hvp_fn(loss_fn, params, batch)
-    return lambda v: optax.tree.vdot(v, hvp(v))
+    return forward_over_forward
+
+
+def _has_custom_vjp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> bool:
+    one_example = jax.tree_util.tree_map(lambda x: x[0], batch)
+    return has_custom_vjp(loss_fn, params, one_example)
 
 
 def _hvp_fn(loss_fn: LossFn, params: PyTree, batch: PyTree):
-    """``v ↦ H v`` at ``params``: the gradient linearized once (forward over reverse)."""
-    grad_fn = jax.grad(mean_loss, argnums=1)
-    return jax.linearize(lambda p: grad_fn(loss_fn, p, batch), params)[1]
+    """``v ↦ H v`` at ``params``, prepared once (``jaxgen._hvp.hvp_fn``)."""
+    custom_vjp = _has_custom_vjp(loss_fn, params, batch)
+    return hvp_fn(lambda p: mean_loss(loss_fn, p, batch), params, custom_vjp=custom_vjp)
 
 
 def _in_rows(fn, xs, chunk_size, probe_sharding):
@@ -114,7 +118,7 @@ def _hutchinson(loss_fn, params, batch, key, num_probes, chunk_size, probe_shard
 def _hutch_plus_plus(loss_fn, params, batch, key, num_probes, chunk_size, probe_sharding):
     flat, unravel = ravel_pytree(params)
     hvp = _hvp_fn(loss_fn, params, batch)
-    quadratic_form = _quadratic_form_fn(loss_fn, params, batch, hvp)  # one linearization
+    quadratic_form = _quadratic_form_fn(loss_fn, params, batch, hvp)  # one H v prepared
     sketch_size = num_probes // 3
     residual_size = num_probes - 2 * sketch_size
     keys = jax.random.split(key, num_probes - sketch_size)
@@ -166,7 +170,7 @@ def hessian_trace(
     (``E[v vᵀ] = I``); each ``v_jᵀ H v_j`` is the second directional derivative
     ``d²/dε² L_B(w + ε v_j)``, taken by forward mode over forward mode (about 1.1–1.6× a
     gradient per probe; losses containing a ``jax.custom_vjp``, which forward mode cannot
-    differentiate, use a forward-over-reverse ``H v`` from the gradient linearized once).
+    differentiate, use ``vᵀ(H v)`` with ``H v`` the VJP of the gradient, ``jaxgen._hvp``).
     Probes are evaluated ``chunk_size`` at a time under ``vmap``, the rows of probes one
     after another: in straight-line code on a CPU (``jaxgen._chunks``: XLA:CPU runs
     convolutions inside loops ~40× slower), in a ``lax.map`` elsewhere. The standard

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import mlp_loss
+from conftest import mlp_loss, mlp_loss_custom_vjp
 from jax.flatten_util import ravel_pytree
 
 import jaxgen
@@ -187,3 +187,13 @@ def test_bad_arguments(kwargs, message):
             key=jax.random.key(0),
             sigma=0.1,
         )
+
+
+def test_second_order_sensitivity_of_a_custom_vjp_loss(mlp):
+    """Forward mode cannot differentiate a custom_vjp; the Hessian-vector products come
+    from each example's gradient linearized, equal to the plain function's."""
+    params, batch = mlp
+    kwargs = {"key": jax.random.key(3), "sigma": 0.5, "num_samples": 4, "method": "second_order"}
+    custom = jaxgen.gradient_sensitivity(mlp_loss_custom_vjp, params, batch, **kwargs)
+    plain = jaxgen.gradient_sensitivity(mlp_loss, params, batch, **kwargs)
+    np.testing.assert_allclose(custom.value, plain.value, rtol=1e-5)
