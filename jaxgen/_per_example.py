@@ -21,10 +21,40 @@ import jax.numpy as jnp
 import optax
 
 from jaxgen import _checks
+from jaxgen._chunks import loops_are_slow
 from jaxgen._sums import pairwise_sum
 from jaxgen._types import LossFn, PyTree
 
 _METHODS = ("auto", "vmap", "ghost")
+VMAP_BUFFER_ELEMENTS = 2**22  # per-example gradient numbers "vmap" holds at once by default
+
+
+def default_microbatch(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int | None:
+    """The ``microbatch_size`` that ``method="vmap"`` takes when none is given.
+
+    The whole batch, unless its per-example gradients (``b × P`` numbers) exceed twice
+    ``VMAP_BUFFER_ELEMENTS`` (2²² numbers, 16 MB in float32): then the largest chunk
+    within it, a divisor of ``b`` where one is at least half that size, so that no
+    remainder is compiled apart. Fresh buffers of B×P numbers are slow to write, centre
+    and reduce; on the 2-core CPU (``python benchmarks/dispersion.py --no-peers``, the
+    ``vmap`` rows before and after) a transformer block took 2.71× → 1.37× a gradient at
+    b = 64 and 1.64× → 0.90× at b = 256, a 4-block scanned transformer 1.94× → 1.48×,
+    the MLP 784-1024-1024-10 70× → 36× (memory 339 → 54 MB); a 4×128 scanned stack at
+    b = 64, whose b × P is just over 2²², was faster whole than in halves (1.48× against
+    1.78× a gradient), hence the factor two.
+    Only on a CPU backend (not measured elsewhere), and not when the loss convolves:
+    XLA:CPU runs convolutions in loops slowly (``jaxgen._chunks.loops_are_slow``).
+    """
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    if jax.default_backend() != "cpu" or size * count <= 2 * VMAP_BUFFER_ELEMENTS:
+        return None
+    most = max(1, VMAP_BUFFER_ELEMENTS // count)
+    one = jax.tree_util.tree_map(lambda x: x[0], batch)
+    if loops_are_slow(jax.grad(loss_fn), params, one):
+        return None
+    divisor = next(d for d in range(most, 0, -1) if size % d == 0)
+    return divisor if 2 * divisor >= most else most
 
 
 class DispersionStats(NamedTuple):
@@ -229,7 +259,9 @@ def gradient_dispersion(
     - ``"vmap"``: materialises per-example gradients (``microbatch_size`` at a time) and
       sums squared residuals about the first example's gradient (their sum corrects
       for the shift), so it stays accurate in float32 however much ``‖ḡ‖`` dominates:
-      the rounding error is about ``1 + ‖g_1 − ḡ‖²/dispersion`` ulps.
+      the rounding error is about ``1 + ‖g_1 − ḡ‖²/dispersion`` ulps. By default in
+      microbatches of at most 2²² numbers of per-example gradients
+      (``default_microbatch``).
     - ``"auto"``: ``"ghost"``, silently falling back per parameter; ``"vmap"`` for the
       whole call when a parameter's exact path would run a loop (a ``scan`` it cannot
       open) per example, which costs more than ``"vmap"`` (a scanned 4×128 stack, before
@@ -244,7 +276,8 @@ def gradient_dispersion(
       batch: pytree whose leaves share a leading axis of size ``b``.
       method: ``"auto"``, ``"ghost"`` or ``"vmap"``.
       microbatch_size: with ``"vmap"``, materialise at most this many per-example
-        gradients at once (memory ``microbatch_size × P`` instead of ``b × P``).
+        gradients at once (memory ``microbatch_size × P`` instead of ``b × P``);
+        ``None``: ``default_microbatch`` (the whole batch when ``b × P ≤ 2²²``).
 
     Returns:
       ``DispersionStats(loss, grad, sq_norms, dispersion, layer_dispersion)``.
@@ -261,7 +294,7 @@ def gradient_dispersion(
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
     if method == "vmap":
-        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
+        return _dispersion_vmap_sized(loss_fn, params, batch, microbatch_size)
     try:
         return _dispersion_ghost(loss_fn, params, batch, warn=method == "ghost")
     except jax.errors.JaxRuntimeError:
@@ -274,7 +307,13 @@ def gradient_dispersion(
                 "computed with method='vmap' instead",
                 stacklevel=2,
             )
-        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
+        return _dispersion_vmap_sized(loss_fn, params, batch, microbatch_size)
+
+
+def _dispersion_vmap_sized(loss_fn, params, batch, microbatch_size):
+    if microbatch_size is None:
+        microbatch_size = default_microbatch(loss_fn, params, batch)
+    return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "warn"))
@@ -282,6 +321,6 @@ def _dispersion_ghost(loss_fn, params, batch, warn):
     from jaxgen._ghost import ghost_dispersion
 
     def vmap_path():
-        return _dispersion_vmap(loss_fn, params, batch, None)
+        return _dispersion_vmap_sized(loss_fn, params, batch, None)
 
     return ghost_dispersion(loss_fn, params, batch, warn=warn, fallback=None if warn else vmap_path)

@@ -82,6 +82,38 @@ def test_microbatched_equals_full_vmap(mlp, microbatch_size):
     chex.assert_trees_all_close(chunked, full, rtol=1e-5, atol=1e-7)
 
 
+def _wide_loss(w, z):
+    return jnp.sum(jnp.tanh(z @ w) ** 2)
+
+
+def test_vmap_takes_large_batches_in_microbatches_by_default():
+    """b × P above 2·2²² numbers: chunks of at most 2²², a divisor of b when one is near
+    (only on a CPU, and never for a loss with convolutions there); the result is the
+    whole batch's."""
+    from jaxgen._per_example import VMAP_BUFFER_ELEMENTS, default_microbatch
+
+    w = jax.random.normal(jax.random.key(0), (512, 256)) / 16  # P = 2¹⁷: 32 examples
+    batch = jax.random.normal(jax.random.key(1), (96, 512))
+    on_cpu = jax.default_backend() == "cpu"
+    assert default_microbatch(_wide_loss, w, batch) == (32 if on_cpu else None)
+    assert default_microbatch(_wide_loss, w, batch[:90]) == (30 if on_cpu else None)
+    assert default_microbatch(_wide_loss, w, jnp.ones((97, 512))) == (32 if on_cpu else None)
+    assert default_microbatch(_wide_loss, w, batch[:64]) is None  # 2·2²²: whole
+    conv_w = jnp.ones((3, 8, 8 * VMAP_BUFFER_ELEMENTS // 8 // 24))  # P = 2²² / 3
+
+    def conv_loss(w, x):
+        return jnp.sum(jax.lax.conv_general_dilated(x[None], w, (1,), "SAME"))
+
+    assert default_microbatch(conv_loss, conv_w, jnp.ones((16, 8, 3))) is None
+    chunked = jaxgen.gradient_dispersion(_wide_loss, w, batch, method="vmap")
+    whole = jaxgen.gradient_dispersion(_wide_loss, w, batch, method="vmap", microbatch_size=96)
+    chex.assert_trees_all_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    jaxpr = jax.make_jaxpr(
+        lambda w: jaxgen.gradient_dispersion(_wide_loss, w, batch, method="vmap")
+    )
+    assert ("scan" in str(jaxpr(w))) is on_cpu
+
+
 def _dominant_mean_loss(w, z):
     """ℓ(w, z) = w·(m + z): every per-example gradient is m + z, with ‖m‖ ≫ ‖z‖."""
     return jnp.dot(w, 1.0e4 + z)
