@@ -227,7 +227,7 @@ def _fast_leaf(
         grads = rows(backward.stats[u]) if tapped else use.rule.grads(use, *operands(backward))
         if use.loops:  # a tied leaf's gradient is the sum over iterations, a stacked one's
             grads = grads.reshape(iterations, size, *grads.shape[1:])  # the stack of slices
-            grads = jnp.sum(grads, axis=0) if use.tied else jnp.moveaxis(grads, 0, 1)
+            grads = pairwise_sum(grads) if use.tied else jnp.moveaxis(grads, 0, 1)
             grads = grads.reshape(size, -1)
         own_mean = pairwise_sum(grads) / grads.shape[0]
         return centred(grads, own_mean), own_mean, None
