@@ -8,9 +8,9 @@ inside loops about 40× slower than outside them (``benchmarks/hessian.py``), wh
 straight rows cost only compile time, proportional to their number. Beyond
 ``MAX_UNROLLED`` rows (e.g. the exact trace of a model with many parameters) the rows run
 in a loop. On other backends they always do: on an H100 the rows ran as fast in a loop as
-unrolled, and 20 unrolled rows took 5× as long to compile (``benchmarks/hessian.py``,
-its ``first call s`` column). ``loops_are_slow`` tells other loops (GMP's perturbations)
-when to unroll.
+unrolled, and 20 unrolled rows took about 5× as long to compile as two
+(``benchmarks/hessian.py``, its ``first call s`` column). ``loops_are_slow`` tells other
+loops (GMP's perturbations) when to unroll.
 """
 
 from __future__ import annotations
