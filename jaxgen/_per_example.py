@@ -148,6 +148,8 @@ def _split(batch: PyTree, size: int, chunk: int):
 @functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size"))
 def _dispersion_vmap(loss_fn, params, batch, microbatch_size):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if microbatch_size is None:  # decided from shapes when traced, not on every call
+        microbatch_size = default_microbatch(loss_fn, params, batch)
 
     # The first example's gradient is the shift: residuals g_i − shift are then of the
     # size of the per-example spread, however large ‖ḡ‖ is, and Σ‖r_i‖² − ‖Σ r_i‖²/b
@@ -294,7 +296,7 @@ def gradient_dispersion(
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
     if method == "vmap":
-        return _dispersion_vmap_sized(loss_fn, params, batch, microbatch_size)
+        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
     try:
         return _dispersion_ghost(loss_fn, params, batch, warn=method == "ghost")
     except jax.errors.JaxRuntimeError:
@@ -307,13 +309,7 @@ def gradient_dispersion(
                 "computed with method='vmap' instead",
                 stacklevel=2,
             )
-        return _dispersion_vmap_sized(loss_fn, params, batch, microbatch_size)
-
-
-def _dispersion_vmap_sized(loss_fn, params, batch, microbatch_size):
-    if microbatch_size is None:
-        microbatch_size = default_microbatch(loss_fn, params, batch)
-    return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
+        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "warn"))
@@ -321,6 +317,6 @@ def _dispersion_ghost(loss_fn, params, batch, warn):
     from jaxgen._ghost import ghost_dispersion
 
     def vmap_path():
-        return _dispersion_vmap_sized(loss_fn, params, batch, None)
+        return _dispersion_vmap(loss_fn, params, batch, None)
 
     return ghost_dispersion(loss_fn, params, batch, warn=warn, fallback=None if warn else vmap_path)
