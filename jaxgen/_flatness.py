@@ -143,7 +143,7 @@ def _sensitivity(loss_fn, params, batch, key, sigma, num_samples, chunk_size):
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_samples"))
 def _second_order_sensitivity(loss_fn, params, batch, key, sigma, num_samples):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    custom_vjp = has_custom_vjp(loss_fn, params, jax.tree_util.tree_map(lambda x: x[0], batch))
+    custom_vjp = has_custom_vjp(loss_fn, params, batch)
 
     def one_example(example, probe_keys):
         hvp = hvp_fn(lambda p: loss_fn(p, example), params, custom_vjp=custom_vjp)
@@ -181,9 +181,9 @@ def gradient_sensitivity(
     - ``"second_order"``: ``∇ℓ(w + ζ) − ∇ℓ(w) ≈ H_Z ζ``, so ``Ψ ≈ σ² E_Z ‖H_Z‖_F²``, with
       ``‖H_z‖_F² = E_v ‖H_z v‖²`` for Rademacher ``v`` (``num_samples`` probes per
       example, one Hessian-vector product each, from the example's gradient linearized
-      once, or its VJP for a loss with a ``jax.custom_vjp``). Exact for quadratic losses, linear in
-      ``σ²``: with ``sigma=1`` the value is ``E_Z ‖H_Z‖_F²`` itself, which a training
-      loop can measure once and scale by each step's variance. The standard error is
+      once, or its VJP for a loss with a ``jax.custom_vjp``). Exact for quadratic losses,
+      linear in ``σ²``: with ``sigma=1`` the value is ``E_Z ‖H_Z‖_F²`` itself, which a
+      training loop can measure once and scale by each step's variance. The standard error is
       over the examples (each one's probes averaged), since ``Ψ`` is an expectation
       over ``Z`` (``nan`` for one example).
 

@@ -61,7 +61,7 @@ def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree, hvp=None)
     about 2× and then needs a dot product). Losses that forward mode cannot differentiate
     (a ``jax.custom_vjp`` inside, at any depth) use ``vᵀ(H v)`` instead (``jaxgen._hvp``).
     """
-    if _has_custom_vjp(loss_fn, params, batch):
+    if has_custom_vjp(loss_fn, params, batch):
         hvp = hvp or _hvp_fn(loss_fn, params, batch)
         return lambda v: optax.tree.vdot(v, hvp(v))
 
@@ -74,14 +74,9 @@ def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree, hvp=None)
     return forward_over_forward
 
 
-def _has_custom_vjp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> bool:
-    one_example = jax.tree_util.tree_map(lambda x: x[0], batch)
-    return has_custom_vjp(loss_fn, params, one_example)
-
-
 def _hvp_fn(loss_fn: LossFn, params: PyTree, batch: PyTree):
     """``v ↦ H v`` at ``params``, prepared once (``jaxgen._hvp.hvp_fn``)."""
-    custom_vjp = _has_custom_vjp(loss_fn, params, batch)
+    custom_vjp = has_custom_vjp(loss_fn, params, batch)
     return hvp_fn(lambda p: mean_loss(loss_fn, p, batch), params, custom_vjp=custom_vjp)
 
 

@@ -9,18 +9,19 @@ Every other loss gets the gradient linearized (forward over reverse), which is c
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
 from jaxgen._chunks import has_primitive
-from jaxgen._types import PyTree
+from jaxgen._types import LossFn, PyTree
 
 
-def has_custom_vjp(fn: Callable[..., Any], *args: Any) -> bool:
-    """Whether ``fn(*args)`` runs a ``jax.custom_vjp`` at any depth (traced on shapes)."""
-    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-    return has_primitive(jax.make_jaxpr(fn)(*shapes).jaxpr, ("custom_vjp",))
+def has_custom_vjp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> bool:
+    """Whether the per-example ``loss_fn(params, example)`` runs a ``jax.custom_vjp`` at
+    any depth (traced on the shapes of one example of ``batch``)."""
+    one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return has_primitive(jax.make_jaxpr(loss_fn)(shapes, one).jaxpr, ("custom_vjp",))
 
 
 def hvp_fn(
