@@ -55,19 +55,17 @@ def write_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs: Any):
+    """A figure outside pyplot: files are drawn without touching the global backend, so
+    a notebook that runs jaxgen keeps plotting inline."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _save(figure, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(figure)
     return write_bytes_atomic(path, buffer.getvalue())
 
 
@@ -76,8 +74,8 @@ def dispersion_figure(epochs: Sequence[Any], path, *, title: str = "") -> Path:
 
     ``epochs``: rows with the fields of ``results.EpochMetrics``.
     """
-    plt = _pyplot()
-    figure, left = plt.subplots(figsize=(6, 3.5))
+    figure = _figure(figsize=(6, 3.5))
+    left = figure.subplots()
     numbers = [row.epoch for row in epochs]
     left.plot(numbers, [row.dispersion for row in epochs], color="tab:red", label="dispersion")
     left.set_xlabel("epoch")
@@ -116,8 +114,8 @@ def sweep_figure(
 
     ``results``: ``RunResult`` values (or anything with ``eq2_bound`` and ``gap``).
     """
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure = _figure(figsize=(5, 3.5))
+    axis = figure.subplots()
     axis.plot(values, [r.eq2_bound for r in results], "o-", label="bound (Eq. 2)")
     axis.plot(values, [max(r.gap, 1e-6) for r in results], "s-", label="gap (test − train loss)")
     axis.set_yscale("log")
@@ -172,9 +170,9 @@ def result_table(result: Any):
 def comparison_figure(cells: Sequence[Any], path, *, title: str = "") -> Path:
     """Test (solid, mean ± std band over seeds) and train (dashed) accuracy per epoch, one
     panel per label-noise level, one colour per method (``compare.Cell`` values)."""
-    plt = _pyplot()
     levels = sorted({cell.label_noise for cell in cells})
-    figure, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.5), squeeze=False)
+    figure = _figure(figsize=(5 * len(levels), 3.5))
+    axes = figure.subplots(1, len(levels), squeeze=False)
     labels = list(dict.fromkeys(cell.label for cell in cells))
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for axis, level in zip(axes[0], levels, strict=True):
