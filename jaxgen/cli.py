@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from jaxgen import __version__
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     noise_levels = argparse_type(list_of(UNIT))
     parser = _Parser(prog="jaxgen", description="Generalization of SGD (Wang & Mao, ICLR 2022).")
+    parser.add_argument("--version", action="version", version=f"jaxgen {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = commands.add_parser("demo", help="Figures 1 and 2 and a comparison on MNIST-1D")
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
