@@ -37,7 +37,7 @@ def _project(delta: PyTree, epsilon: float) -> PyTree:
 def amp(
     epsilon: float, inner_lr: float, inner_steps: int = 1
 ) -> optax.GradientTransformationExtraArgs:
-    """Adversarial model perturbation (Zheng et al., CVPR 2021).
+    """Adversarial model perturbation (Zheng et al., CVPR 2021). ::
 
         Δ_0 = 0
         Δ_{s} = Π_ε(Δ_{s−1} + ζ · ∇L_B(w + Δ_{s−1})),   s = 1..N

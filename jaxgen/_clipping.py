@@ -32,7 +32,7 @@ def dynamic_clip(
 ) -> optax.GradientTransformation:
     """Dynamic gradient clipping, Algorithm 1 of Wang & Mao (ICLR 2022).
 
-    At step ``t`` (1-based) with gradient ``g`` and threshold ``G``:
+    At step ``t`` (1-based) with gradient ``g`` and threshold ``G``::
 
         t <= start_step:            g passes unchanged
         t >  start_step, ‖g‖ > G:   g ← α · G · g / ‖g‖      (G unchanged)

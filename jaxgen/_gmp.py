@@ -60,7 +60,7 @@ def gmp(
     mode: str = "auto",
     perturbation_sharding: jax.sharding.Sharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Gaussian model perturbation (Wang & Mao, ICLR 2022, Algorithm 2).
+    """Gaussian model perturbation (Wang & Mao, ICLR 2022, Algorithm 2). ::
 
         update = (1 − ρ) · g + ρ · (1/k) Σ_{j=1..k} grad_fn(w + Δ_j),   Δ_j ~ N(0, σ² I)
 

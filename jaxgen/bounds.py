@@ -149,7 +149,7 @@ def neu2021(
     n: int,
     flatness: Any = 0.0,
 ) -> jax.Array:
-    """Lemma 2 (Neu et al., COLT 2021, Theorem 1).
+    """Lemma 2 (Neu et al., COLT 2021, Theorem 1). ::
 
         |gen| ≤ sqrt(4R²/n · Σ_t λ_t²/σ_t² · (Ψ_t + Ṽ_t)) + |flatness|
 
@@ -186,7 +186,7 @@ def _neu2021(lrs, sigmas, sensitivities, variances, flatness, R, n):
 def theorem1(
     lrs: Any, sigmas: Any, variances: Any, *, R: float, n: int, flatness: Any = 0.0
 ) -> jax.Array:
-    """Theorem 1 of Wang & Mao (ICLR 2022).
+    """Theorem 1 of Wang & Mao (ICLR 2022). ::
 
         |gen| ≤ sqrt(R²/n · Σ_t λ_t²/σ_t² · V_t) + |flatness|
 
@@ -251,7 +251,7 @@ def _eq2(lrs, variances, hessian_trace, R, n):
 
 
 def eq2(lrs: Any, variances: Any, hessian_trace: Any, *, R: float, n: int) -> jax.Array:
-    """Eq. (2) of Wang & Mao (ICLR 2022): Theorem 1 minimised over a constant σ.
+    """Eq. (2) of Wang & Mao (ICLR 2022): Theorem 1 minimised over a constant σ. ::
 
         gen ≤ 3/2 · (R² T / n · Σ_t λ_t² V_t · Tr H)^{1/3}
 
@@ -308,7 +308,7 @@ def _time_varying(lrs, variances, hessian_trace, R, n):
 def eq2_time_varying(
     lrs: Any, variances: Any, hessian_trace: Any, *, R: float, n: int
 ) -> jax.Array:
-    """Theorem 1 minimised over a time-varying ``σ_t² ∝ λ_t √V_t`` (second-order flatness).
+    """Theorem 1 minimised over a time-varying ``σ_t² ∝ λ_t √V_t`` (second-order flatness). ::
 
         gen ≤ 3/2 · (R²/n · (Σ_t λ_t √V_t)² · Tr H)^{1/3}
 
@@ -345,7 +345,7 @@ def _cubic_bound(lrs, per_step, curvature, R, n):
 
 def linear_network(lrs: Any, losses: Any, *, R: float, n: int) -> jax.Array:
     """Theorem 2 of Wang & Mao (ICLR 2022): linear model ``f = Wᵀ X``, ``‖X‖ = 1``,
-    squared loss ``ℓ = ½ (Y − f)²``.
+    squared loss ``ℓ = ½ (Y − f)²``. ::
 
         gen ≤ 3 · (Σ_t R² λ_t² T / (4n) · E[ℓ(W_{t-1}, Z)])^{1/3}
 
@@ -364,7 +364,7 @@ def two_layer_relu(
     lrs: Any, weighted_losses: Any, final_active_fraction: Any, *, R: float, n: int
 ) -> jax.Array:
     """Theorem 3 of Wang & Mao (ICLR 2022): ``f = m^{-1/2} Σ_r A_r ReLU(W_rᵀ X)``,
-    ``A_r = ±1`` fixed, ``‖X‖ = 1``, squared loss.
+    ``A_r = ±1`` fixed, ``‖X‖ = 1``, squared loss. ::
 
         gen ≤ 3 · (Σ_r E[I_{r,T}/m] · Σ_t R² λ_t² T/(4n) · E[Σ_r I_{r,t}/m · ℓ(W_{t-1}, Z)])^{1/3}
 

@@ -25,6 +25,8 @@ from flax import nnx
 
 from jaxgen._types import LossFn, PyTree
 
+__all__ = ["PerExampleLoss", "classifier_loss", "cross_entropy", "refuse_training_batchnorm"]
+
 
 def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
     """``−log softmax(logits)[label]`` for one example and an integer class; for a

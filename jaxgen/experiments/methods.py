@@ -289,7 +289,7 @@ class Flooding(Method):
 
     name = "flooding"
     description = (
-        "flooding: the gradient of |L_B − b| + b, i.e. sign(L_B − b)·∇L_B; V_t is that "
+        "flooding: the gradient of abs(L_B − b) + b, i.e. sign(L_B − b)·∇L_B; V_t is that "
         "of the plain minibatch gradient"
     )
     level: float = options.option(0.02, "flooding: the level b", NON_NEGATIVE)
