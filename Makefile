@@ -3,23 +3,27 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint docs bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/jaxgen demo --out demo-out
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check jaxgen tests benchmarks
-	$(BIN)/ruff format --check jaxgen tests benchmarks
+	$(BIN)/ruff check jaxgen tests benchmarks docs/conf.py
+	$(BIN)/ruff format --check jaxgen tests benchmarks docs/conf.py
 
+# Two workers; the tests that read the built docs site share one worker (loadgroup).
 test: lint
-	$(BIN)/python -m pytest --doctest-modules jaxgen tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --doctest-modules jaxgen tests
+
+docs: $(BIN)/.installed
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/dispersion.py
@@ -28,4 +32,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/methods.py --quick
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-out docs/_build .pytest_cache .ruff_cache

@@ -6,7 +6,10 @@ again dominates the suite's time on two cores.
 """
 
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import jax
 
@@ -20,6 +23,25 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 collect_ignore = ["multihost_worker.py"]  # a script the two-process test launches
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+    """The HTML site, built from a clean environment with warnings as errors."""
+    root = tmp_path_factory.mktemp("site")
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # notebooks draw inline
+    done = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html"]
+        + ["-d", str(root / "doctrees"), str(DOCS), str(root / "html")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    return root / "html"
 
 
 def mlp_init(key, sizes=(6, 5, 3)):

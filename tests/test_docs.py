@@ -1,0 +1,100 @@
+"""The documentation site builds cleanly and says what the code does.
+
+The site is built once per session (``conftest.site``, ``sphinx-build -W``: a broken
+cross-reference, a public name missing from the API reference or without a docstring, a
+notebook cell that raises, all fail it); the tests below read what it wrote. Every
+Python block of the guides runs, page by page, in a fresh interpreter.
+"""
+
+import argparse
+import html
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import jaxgen
+from jaxgen import bounds, cli
+
+reads_the_site = pytest.mark.xdist_group("docs")  # one worker builds the site, once
+
+DOCS = Path(__file__).parent.parent / "docs"
+PAGES_WITH_CODE = sorted(
+    p for p in DOCS.rglob("*.md") if "_build" not in p.parts and "```python" in p.read_text()
+)
+
+
+@reads_the_site
+def test_the_site_builds_with_warnings_as_errors(site):
+    for page in ("index", "getting-started", "paper", "benchmarks", "cli", "changelog"):
+        assert (site / f"{page}.html").is_file(), page
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()  # formulas offline
+
+
+def _public_names():
+    names = [f"jaxgen.{n}" for n in jaxgen.__all__ if n not in ("bounds", "nnx")]
+    names += [f"jaxgen.bounds.{n}" for n in bounds.__all__]
+    names += [f"jaxgen.nnx.{n}" for n in jaxgen.nnx.__all__]
+    return names
+
+
+@reads_the_site
+def test_every_public_name_is_in_the_api_reference(site):
+    anchors = set()
+    for page in (site / "api").glob("*.html"):
+        anchors |= set(re.findall(r'id="(jaxgen\.[\w.]+)"', page.read_text()))
+    missing = [name for name in _public_names() if name not in anchors]
+    assert not missing
+    assert len(_public_names()) >= 30
+
+
+def test_the_build_refuses_a_missing_or_undocumented_public_name(monkeypatch):
+    monkeypatch.syspath_prepend(str(DOCS))
+    import conf
+
+    everything = set(conf.public_names())
+    assert conf.public_names() == _public_names()
+    assert conf.api_problems(everything) == []
+    assert conf.api_problems(everything - {"jaxgen.gmp"}) == [
+        "public name jaxgen.gmp is missing from the API reference"
+    ]
+    monkeypatch.setattr(jaxgen.bounds.eq2, "__doc__", None)
+    assert conf.api_problems(everything) == ["public name jaxgen.bounds.eq2 has no docstring"]
+
+
+@reads_the_site
+def test_the_cli_reference_lists_every_command_and_flag(site):
+    text = html.unescape(re.sub(r"<[^>]+>", "", (site / "cli.html").read_text()))
+    parser = cli._parser()
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    for name, command in commands.choices.items():
+        assert f"jaxgen {name}" in text, name
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue  # -h, in every usage line
+            for flag in action.option_strings:
+                assert flag in text, (name, flag)
+
+
+@reads_the_site
+def test_the_benchmarks_page_holds_only_current_tables(site):
+    source = (DOCS.parent / "benchmarks" / "README.md").read_text()
+    for word in ("Before", "Earlier", "earlier measurements", "After issue"):
+        assert f"# {word}" not in source and f"## {word}" not in source
+    page = (site / "benchmarks.html").read_text()
+    assert "Gradient dispersion" in page and "Hessian trace" in page
+
+
+@pytest.mark.parametrize("path", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(DOCS)))
+def test_the_python_blocks_of_each_page_run_in_order(path, tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+    script = "\n".join(f"# --- block {i}\n{block}" for i, block in enumerate(blocks))
+    (tmp_path / "page.py").write_text(script)
+    done = subprocess.run(
+        [sys.executable, "page.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    if path.name == "training.md":
+        assert (tmp_path / "runs" / "dgc" / "result.json").is_file()
