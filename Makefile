@@ -18,9 +18,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check jaxgen tests benchmarks docs/conf.py
 	$(BIN)/ruff format --check jaxgen tests benchmarks docs/conf.py
 
-# Two workers; the tests that read the built docs site share one worker (loadgroup).
+# Two workers (pytest-xdist); the docs site builds beside them (tests/conftest.py).
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --doctest-modules jaxgen tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal --doctest-modules jaxgen tests
 
 docs: $(BIN)/.installed
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

@@ -1,19 +1,27 @@
 """Shared tiny models. Eight simulated CPU devices for the multi-device tests.
 
-Compiled programs are cached on disk for the session (subprocesses and notebook kernels
-inherit the folder): many tests train the same tiny configurations, and compiling them
-again dominates the suite's time on two cores.
+Compiled programs are cached on disk for the session (subprocesses, notebook kernels and
+the pytest-xdist workers inherit the folder): many tests train the same tiny
+configurations, and compiling them again dominates the suite's time on two cores.
 """
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+# LLVM at -O0 (XLA's HLO passes, fusion, buffer assignment and collectives unchanged, so
+# the compiled programs' structure and memory are those users get): compiling, not
+# running, dominates these tiny tests, and it cuts the suite's time by about a third.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+jax.config.update("jax_disable_most_optimizations", True)
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxgen-jit-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
@@ -25,22 +33,77 @@ import pytest  # noqa: E402
 collect_ignore = ["multihost_worker.py"]  # a script the two-process test launches
 
 DOCS = Path(__file__).parent.parent / "docs"
+SITE_TESTS = ("test_docs.py", "test_notebooks.py")  # the modules that read the built site
+_BUILDS: list[subprocess.Popen] = []  # started by this process
+
+
+def _start_site_build() -> Path:
+    """Build the docs site in the background (``sphinx-build -W``, notebooks executed),
+    into a fresh folder whose ``status`` file holds the exit code once it is done."""
+    root = Path(tempfile.mkdtemp(prefix="jaxgen-site-"))
+    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html"]
+    command += ["-d", str(root / "doctrees"), str(DOCS), str(root / "html")]
+    script = f"{shlex.join(command)} > build.log 2>&1; echo $? > status.tmp && mv status.tmp status"
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # notebooks draw inline
+    build = subprocess.Popen(["sh", "-c", script], cwd=root, env=env, start_new_session=True)
+    _BUILDS.append(build)
+    return root
+
+
+def pytest_configure(config):
+    """Start the site's build before the tests, so that it runs beside them: one build
+    per session, whichever xdist worker reads it (workers inherit the folder's name)."""
+    if hasattr(config, "workerinput") or "JAXGEN_TEST_SITE" in os.environ:
+        return
+    tests = Path(__file__).parent.resolve()
+    asked = [Path(str(arg).split("::")[0]).resolve() for arg in config.args] or [tests]
+    if any(path in (tests, tests.parent) or path.name in SITE_TESTS for path in asked):
+        os.environ["JAXGEN_TEST_SITE"] = str(_start_site_build())
+
+
+def pytest_unconfigure(config):
+    for build in _BUILDS:  # a session that ends early does not leave its build running
+        if build.poll() is None:
+            os.killpg(build.pid, signal.SIGTERM)
+
+
+# The slowest tests (pytest --durations), started first so that the two xdist workers
+# (--dist worksteal) finish together instead of one waiting on the other's last long test.
+SLOW_FIRST = (
+    "test_demo_quick_writes_the_report_and_can_run_again",
+    "test_the_python_blocks_of_each_page_run_in_order",
+    "test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume",
+    "test_batchnorm_statistics_come_from_the_clean_pass_only",
+    "test_two_processes_train_as_one_on_eight_devices",
+    "test_a_run_on_a_mesh_equals_one_device_and_resumes_on_another_device_count",
+    "test_same_configuration_same_result",
+    "test_a_conv_model_on_a_mocked_tfds_dataset",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """The slowest tests first; the tests that read the site last, when its build has had
+    the most time."""
+
+    def order(item):
+        if "site" in getattr(item, "fixturenames", ()):
+            return 2
+        return 0 if item.name.split("[")[0] in SLOW_FIRST else 1
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")
-def site(tmp_path_factory):
+def site():
     """The HTML site, built from a clean environment with warnings as errors."""
-    root = tmp_path_factory.mktemp("site")
-    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # notebooks draw inline
-    done = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html"]
-        + ["-d", str(root / "doctrees"), str(DOCS), str(root / "html")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    root = os.environ.get("JAXGEN_TEST_SITE")
+    root = Path(root) if root else _start_site_build()
+    deadline = time.monotonic() + 900
+    while not (root / "status").exists():
+        assert time.monotonic() < deadline, "the docs build took over 15 minutes"
+        time.sleep(0.5)
+    log = (root / "build.log").read_text()
+    assert (root / "status").read_text().strip() == "0", log[-5000:]
     return root / "html"
 
 
