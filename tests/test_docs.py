@@ -9,6 +9,7 @@ Python block of the guides runs, page by page, in a fresh interpreter.
 import argparse
 import html
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,37 @@ def test_the_python_blocks_of_each_page_run_in_order(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (training,) = [folder for page, folder, _ in pages if page == "guides/training.md"]
     assert (Path(training) / "runs" / "dgc" / "result.json").is_file()
+
+
+def _shown_commands():
+    """Every ``jaxgen ...`` command of a bash block in the docs and the README, its
+    continuation lines joined, comments and environment assignments dropped."""
+    sources = [*DOCS.rglob("*.md"), DOCS.parent / "README.md"]
+    for path in (p for p in sources if "_build" not in p.parts):
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                    words = words[1:]
+                if words[:1] == ["jaxgen"] and "$id" not in line:
+                    yield path.name, words[1:]
+
+
+def test_every_command_shown_in_the_docs_parses_into_a_valid_configuration():
+    from jaxgen.experiments import flags
+
+    shown = list(_shown_commands())
+    assert len(shown) >= 20
+    for page, argv in shown:
+        try:
+            args = cli._parser().parse_args(argv)
+        except SystemExit as exit_info:
+            if argv in (["--version"], ["--help"]) and exit_info.code == 0:
+                continue
+            raise AssertionError(f"{page}: jaxgen {shlex.join(argv)}") from None
+        if args.command == "demo":
+            continue
+        config = flags.config_from_args(args)
+        if args.command == "compare":
+            assert flags.parse_methods(args.methods, args), (page, argv)
+        assert config.batch_size >= 1
