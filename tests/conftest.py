@@ -7,6 +7,7 @@ configurations, and compiling them again dominates the suite's time on two cores
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ collect_ignore = ["multihost_worker.py"]  # a script the two-process test launch
 
 DOCS = Path(__file__).parent.parent / "docs"
 SITE_TESTS = ("test_docs.py", "test_notebooks.py")  # the modules that read the built site
-_BUILDS: list[subprocess.Popen] = []  # started by this process
+_BUILDS: list[tuple[subprocess.Popen, Path]] = []  # started by this process
 
 
 def _start_site_build() -> Path:
@@ -46,7 +47,7 @@ def _start_site_build() -> Path:
     script = f"{shlex.join(command)} > build.log 2>&1; echo $? > status.tmp && mv status.tmp status"
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # notebooks draw inline
     build = subprocess.Popen(["sh", "-c", script], cwd=root, env=env, start_new_session=True)
-    _BUILDS.append(build)
+    _BUILDS.append((build, root))
     return root
 
 
@@ -62,9 +63,12 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    for build in _BUILDS:  # a session that ends early does not leave its build running
+    """A build outlives no session (one that ends early stops it), nor does its folder."""
+    for build, root in _BUILDS:
         if build.poll() is None:
             os.killpg(build.pid, signal.SIGTERM)
+            build.wait()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # The slowest tests (pytest --durations), started first so that the two xdist workers
