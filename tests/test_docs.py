@@ -3,7 +3,8 @@
 The site is built once per session (``conftest.site``, ``sphinx-build -W``: a broken
 cross-reference, a public name missing from the API reference or without a docstring, a
 notebook cell that raises, all fail it); the tests below read what it wrote. Every
-Python block of the guides runs, page by page, in a fresh interpreter.
+Python block of the pages runs, page by page in a fresh namespace, and every command
+shown parses.
 """
 
 import argparse
