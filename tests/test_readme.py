@@ -18,3 +18,11 @@ def test_readme_python_blocks_run_in_order(tmp_path):
         [sys.executable, "readme.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_readme_links_point_at_files_that_exist():
+    links = re.findall(r"\]\(([^)#\s]+)\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10
+    missing = [link for link in local if not (README.parent / link).exists()]
+    assert not missing
