@@ -23,7 +23,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 # running, dominates these tiny tests, and it cuts the suite's time by about a third.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 jax.config.update("jax_disable_most_optimizations", True)
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxgen-jit-"))
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else a parent process's
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgen-jit-")
+_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
@@ -63,12 +66,15 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """A build outlives no session (one that ends early stops it), nor does its folder."""
+    """A build outlives no session (one that ends early stops it), nor does its folder,
+    nor the compilation cache this process made."""
     for build, root in _BUILDS:
         if build.poll() is None:
             os.killpg(build.pid, signal.SIGTERM)
             build.wait()
         shutil.rmtree(root, ignore_errors=True)
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 # The slowest tests (pytest --durations), started first so that the two xdist workers
