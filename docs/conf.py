@@ -7,15 +7,13 @@ every page shows what the installed code does. MathJax is served from the site i
 (sphinx-mathjax-offline), so formulas render without a network.
 """
 
+import importlib
 import inspect
 import os
 import sys
-from pathlib import Path
 
 import jaxgen
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "docs"))
 # Notebooks run at their tiny scale unless told otherwise (`JAXGEN_NOTEBOOK_SCALE=full`).
 os.environ.setdefault("JAXGEN_NOTEBOOK_SCALE", "tiny")
 
@@ -85,8 +83,6 @@ PUBLIC_MODULES = ("jaxgen", "jaxgen.bounds", "jaxgen.nnx")
 
 def public_names():
     """``module.name`` for every name a public module exports (its ``__all__``)."""
-    import importlib
-
     names = []
     for module_name in PUBLIC_MODULES:
         module = importlib.import_module(module_name)
