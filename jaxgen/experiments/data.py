@@ -9,13 +9,19 @@ noise before computing the Hessian).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from jaxgen.experiments import report
+
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 DATASETS = ("mnist1d", *TFDS_DATASETS)
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
 
 
 class DatasetUnavailable(ValueError):
@@ -61,19 +67,58 @@ def mnist1d(*, seed: int = 42, num_samples: int = 5000, train_split: float = 0.8
 
     Nothing is downloaded: the package synthesises the 40-dimensional sequences from its
     templates with a fixed seed. The defaults give the standard 4000/1000 split.
-    Generating it takes seconds (scipy interpolation per example), so a process keeps
-    the last few it made; their arrays are read-only, shared by every caller.
+    Generating it takes a second or two (scipy interpolation per example), so the arrays
+    are kept in ``cache_dir()`` (one ``.npz`` per mnist1d version and arguments; a file
+    that cannot be read is made again) and a process keeps the last few it loaded; their
+    arrays are read-only, shared by every caller.
     """
-    from mnist1d.data import get_dataset_args, make_dataset
+    from importlib.metadata import version
 
-    args = get_dataset_args()
-    args.seed, args.num_samples, args.train_split = seed, num_samples, train_split
-    raw = make_dataset(args)
+    name = f"mnist1d-{version('mnist1d')}-seed{seed}-n{num_samples}-split{train_split}.npz"
+    raw = _read_cache(name)
+    if raw is None:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.seed, args.num_samples, args.train_split = seed, num_samples, train_split
+        made = make_dataset(args)
+        raw = {key: np.asarray(made[key]) for key in _MNIST1D_KEYS}
+        _write_cache(name, raw)
     dataset = _dataset(raw["x"], raw["y"], raw["x_test"], raw["y_test"], 10)
     for array in dataset:
         if isinstance(array, np.ndarray):
             array.setflags(write=False)
     return dataset
+
+
+def cache_dir() -> Path | None:
+    """Where generated datasets are kept: ``$JAXGEN_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/jaxgen`` (``~/.cache/jaxgen``); none if ``JAXGEN_CACHE_DIR`` is
+    set empty."""
+    chosen = os.environ.get("JAXGEN_CACHE_DIR")
+    if chosen is not None:
+        return Path(chosen) if chosen else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxgen"
+
+
+def _read_cache(name: str) -> dict[str, np.ndarray] | None:
+    folder = cache_dir()
+    if folder is None or not (folder / name).is_file():
+        return None
+    try:
+        with np.load(folder / name) as stored:
+            arrays = {key: stored[key] for key in _MNIST1D_KEYS}
+    except Exception:  # a damaged or foreign file: made again and replaced
+        return None
+    return arrays
+
+
+def _write_cache(name: str, arrays: dict[str, np.ndarray]) -> None:
+    folder = cache_dir()
+    if folder is None:
+        return
+    with contextlib.suppress(OSError):  # a cache that cannot be written is only slower
+        report.write_npz_atomic(folder / name, **arrays)
 
 
 def tfds_dataset(name: str, *, data_dir: str | None = None) -> Dataset:

@@ -1,5 +1,5 @@
 """Result files (written atomically: an interrupted run never leaves half a file) and
-the figures of the paper (matplotlib, Agg backend)."""
+the figures of the paper (matplotlib figures drawn outside pyplot)."""
 
 from __future__ import annotations
 
