@@ -15,8 +15,8 @@ demo: $(BIN)/.installed
 	$(BIN)/jaxgen demo --out demo-out
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check jaxgen tests benchmarks docs/conf.py
-	$(BIN)/ruff format --check jaxgen tests benchmarks docs/conf.py
+	$(BIN)/ruff check jaxgen tests benchmarks docs/conf.py _jaxgen_launcher.py
+	$(BIN)/ruff format --check jaxgen tests benchmarks docs/conf.py _jaxgen_launcher.py
 
 # Two workers (pytest-xdist); the docs site builds beside them (tests/conftest.py).
 test: lint

@@ -10,14 +10,16 @@
 Training options are the fields of ``experiments.config.TrainConfig`` (``--epochs``,
 ``--lr``, ...), ``--preset``, ``--method`` with its hyper-parameters (``--gmp-sigma``,
 ...), ``--resume`` and ``--no-progress`` (``experiments/flags.py``). Exit status: 0, 1
-(stopped), 2 (bad arguments, one line on stderr), 130 (Ctrl-C).
+(stopped), 2 (bad arguments, one line on stderr), 130 (Ctrl-C), 143 (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,16 +180,40 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; the status is 0, 1 (stopped), 2 (bad arguments) or 130 (Ctrl-C)."""
+def main(argv: Sequence[str] | None = None, *, pending: Sequence[int] = ()) -> int:
+    """Run one command; the status is 0, 1 (stopped), 2 (bad arguments), 130 (SIGINT)
+    or 143 (SIGTERM).
+
+    The first SIGINT or SIGTERM stops a run at its next safe point, with a checkpoint
+    and one line saying how to resume; a second one exits at once. ``pending``: signals
+    the launcher received before jaxgen was imported.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    from jaxgen.experiments import interrupts
+
+    at_once = functools.partial(_stop_at_once, args, argv)
+    with interrupts.handled(at_once=at_once, pending=pending):
+        status = _command(args, argv)
+        if status == 0 and (signum := interrupts.received()):
+            word = _signal_word(signum)
+            _say(args)(f"{word} while the results were being written; they are complete")
+    return status
+
+
+def _say(args):
+    return functools.partial(print, f"jaxgen {args.command}:", file=sys.stderr)
+
+
+def _command(args, argv: list[str]) -> int:
     from rich.console import Console
 
-    from jaxgen.experiments import data, errors
+    from jaxgen.experiments import data, errors, interrupts
 
-    say = functools.partial(print, f"jaxgen {args.command}:", file=sys.stderr)
+    say = _say(args)
     try:
+        interrupts.phase("start")
+        interrupts.check()
         with errors.warnings_as_lines(say):
             quiet = False
             if args.command != "demo":
@@ -201,25 +227,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (errors.TrainingDiverged, errors.OutputError) as error:
         say(f"stopped: {error}")
         return 1
-    except KeyboardInterrupt:
-        say(_interrupted(args, argv))
-        return 130
+    except KeyboardInterrupt as error:  # interrupts.Interrupted, or SIGINT outside a run
+        signum = getattr(error, "signum", signal.SIGINT)
+        say(f"{_signal_word(signum)}; {_resume_hint(args, argv)}")
+        return 128 + signum
     return 0
 
 
-def _interrupted(args, argv: list[str]) -> str:
+def _signal_word(signum: int) -> str:
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
+def _stop_at_once(args, argv: list[str], signum: int) -> NoReturn:
+    """A second signal: exit now, without a traceback (a save in flight is left unfinished,
+    and ``--resume`` removes it)."""
+    line = f"jaxgen {args.command}: {_signal_word(signum)} again: stopped at once; "
+    os.write(2, (line + _resume_hint(args, argv) + "\n").encode())
+    os._exit(128 + signum)
+
+
+def _resume_hint(args, argv: list[str]) -> str:
     """Where the last checkpoint is and the command that resumes from it."""
     if args.command == "demo":
-        return "interrupted; run the same command again to start the demo over"
+        return "run the same command again to start the demo over"
     command = shlex.join(["jaxgen", *argv, *([] if args.resume else ["--resume"])])
     if args.command in ("sweep", "compare") or getattr(args, "seeds", 1) > 1:
-        return f"interrupted; finished runs and checkpoints are in {args.out}; resume: {command}"
+        return f"finished runs and checkpoints are in {args.out}; resume: {command}"
     folder = Path(args.out) / "checkpoints"
     steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.is_dir() else []
     if not steps:
-        return "interrupted before the first checkpoint; run the same command again to start over"
-    return f"interrupted; the last checkpoint is step {max(steps)} in {folder}; resume: {command}"
+        return "no checkpoint was written; run the same command again to start over"
+    return f"the last checkpoint is step {max(steps)} in {folder}; resume: {command}"
+
+
+def run_command(pending: Sequence[int] = ()) -> NoReturn:
+    """``jaxgen`` as a process: ``main()``, then exit with its status. Signals are
+    ignored while Python shuts down (orbax's and JAX's threads stopping): the run is
+    over, and Python would otherwise die of a SIGINT that lands after its handlers are
+    gone."""
+    status = main(pending=pending)
+    from jaxgen.experiments import interrupts
+
+    interrupts.phase("exit")
+    for signum in interrupts.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command()

@@ -1,8 +1,9 @@
 """Shared tiny models. Eight simulated CPU devices for the multi-device tests.
 
-Compiled programs are cached on disk for the session (subprocesses, notebook kernels and
-the pytest-xdist workers inherit the folder): many tests train the same tiny
-configurations, and compiling them again dominates the suite's time on two cores.
+Compiled programs and the generated MNIST-1D are cached on disk for the session
+(subprocesses, notebook kernels and the pytest-xdist workers inherit the folders): many
+tests train the same tiny configurations, and compiling them again dominates the suite's
+time on two cores.
 """
 
 import os
@@ -30,6 +31,9 @@ _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+_OWN_DATA = "JAXGEN_CACHE_DIR" not in os.environ  # generated MNIST-1D, shared the same way
+if _OWN_DATA:
+    os.environ["JAXGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgen-data-")
 
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
@@ -67,7 +71,7 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     """A build outlives no session (one that ends early stops it), nor does its folder,
-    nor the compilation cache this process made."""
+    nor the compilation or data cache this process made."""
     for build, root in _BUILDS:
         if build.poll() is None:
             os.killpg(build.pid, signal.SIGTERM)
@@ -75,6 +79,8 @@ def pytest_unconfigure(config):
         shutil.rmtree(root, ignore_errors=True)
     if _OWN_CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+    if _OWN_DATA:
+        shutil.rmtree(os.environ["JAXGEN_CACHE_DIR"], ignore_errors=True)
 
 
 # The slowest tests (pytest --durations), started first so that the two xdist workers
@@ -82,7 +88,7 @@ def pytest_unconfigure(config):
 SLOW_FIRST = (
     "test_demo_quick_writes_the_report_and_can_run_again",
     "test_the_python_blocks_of_each_page_run_in_order",
-    "test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume",
+    "test_a_signal_in_any_phase_ends_as_documented_and_resumes_to_the_same_result",
     "test_batchnorm_statistics_come_from_the_clean_pass_only",
     "test_two_processes_train_as_one_on_eight_devices",
     "test_a_run_on_a_mesh_equals_one_device_and_resumes_on_another_device_count",

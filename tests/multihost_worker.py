@@ -4,11 +4,14 @@
 
 Trains CONFIG_JSON (``TrainConfig.as_dict``) on a ``data=8`` mesh spanning both
 processes (4 simulated CPU devices each) and saves the parameters this process holds at
-the end, flattened, to ``OUT/params-<process>.npy``. It imports nothing from the tests:
+the end, flattened, to ``OUT/params-<process>.npy``; then SIGTERM reaches process 1
+only, and each process saves the status its ``interrupts.check()`` stopped with to
+``OUT/stopped-<process>.npy`` (both must stop). It imports nothing from the tests:
 their conftest simulates 8 devices per process.
 """
 
 import json
+import signal
 import sys
 
 import jax
@@ -22,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from jaxgen import make_mesh  # noqa: E402
 from jaxgen._sharding import to_host  # noqa: E402
-from jaxgen.experiments import loop  # noqa: E402
+from jaxgen.experiments import interrupts, loop  # noqa: E402
 from jaxgen.experiments.callbacks import Callback  # noqa: E402
 from jaxgen.experiments.config import TrainConfig  # noqa: E402
 
@@ -37,3 +40,13 @@ class KeepParams(Callback):
 assert jax.local_device_count() == 4 and jax.device_count() == 8
 config = TrainConfig.from_dict(json.loads(config))
 loop.run(config, out, mesh=make_mesh("data=8"), callbacks=[KeepParams()])
+
+with interrupts.handled():
+    if process == 1:
+        signal.raise_signal(signal.SIGTERM)
+    try:
+        interrupts.check()
+        stopped = 0
+    except interrupts.Interrupted as stop:
+        stopped = stop.status
+np.save(f"{out}/stopped-{process}.npy", stopped)

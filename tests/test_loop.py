@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 
 import jaxgen
 from jaxgen import bounds
-from jaxgen.experiments import loop, methods, models, task
+from jaxgen.experiments import interrupts, loop, methods, models, task
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.config import TrainConfig
 from jaxgen.experiments.options import ConfigError
@@ -130,17 +131,33 @@ class _Interrupt(Exception):
 
 
 class _StopAfterFirstEpoch(Callback):
+    """Any exception out of a callback: the run stops, its checkpoints stay resumable."""
+
     def on_epoch(self, row):
         if row.epoch == 1:
             raise _Interrupt
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
-    config = dataclasses.replace(TINY, epochs=3, checkpoint_every=2)
+class _SignalAfterFirstEpoch(Callback):
+    """A SIGTERM (to this process) at the end of epoch 1: step 3, not a checkpoint step."""
+
+    def on_epoch(self, row):
+        if row.epoch == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_signal_stops_at_a_safe_point_with_a_checkpoint_and_resumes_to_the_same_numbers(
+    tmp_path,
+):
+    config = dataclasses.replace(TINY, epochs=3, checkpoint_every=2)  # 3 steps per epoch
     reference = loop.run(config, tmp_path / "straight")
-    with pytest.raises(_Interrupt):
-        loop.run(config, tmp_path / "resumed", callbacks=[_StopAfterFirstEpoch()])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(interrupts.Interrupted) as stop:
+        loop.run(config, tmp_path / "resumed", callbacks=[_SignalAfterFirstEpoch()])
+    assert stop.value.status == 143 and isinstance(stop.value, KeyboardInterrupt)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["2", "3"]
     assert not (tmp_path / "resumed" / "result.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the run's handlers are gone
     resumed = loop.run(config, tmp_path / "resumed", resume=True)
     assert resumed == dataclasses.replace(reference, seconds=resumed.seconds)
     np.testing.assert_array_equal(np.array(resumed.epochs), np.array(reference.epochs))

@@ -250,6 +250,7 @@ def test_two_processes_train_as_one_on_eight_devices(eight_devices, one_device, 
     assert [p.returncode for p in processes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     params = [np.load(tmp_path / f"params-{i}.npy") for i in (0, 1)]
     np.testing.assert_array_equal(params[0], params[1])
+    assert [int(np.load(tmp_path / f"stopped-{i}.npy")) for i in (0, 1)] == [143, 143]
     result = json.loads((tmp_path / "result.json").read_text())
     eight = json.loads((eight_out / "result.json").read_text())
     one = json.loads((one_out / "result.json").read_text())

@@ -12,6 +12,7 @@ placement  where a run's arrays live: one device, or a mesh of devices and proce
 estimates  what a run measures besides training (Tr H, flatness, ‖H_z‖_F²)
 results    StepLogs → RunResult (every bound) → result.json, metrics.csv, steps.npz
 checkpoint orbax checkpoints and resuming
+interrupts SIGINT and SIGTERM read at safe points; the phases of a run, for fault tests
 callbacks  progress bar and other hooks into a running loop
 rng        the run's random streams, derived by name from its seed
 sweep compare demo   runs of many runs (Figure 1; method tables; the demo report)

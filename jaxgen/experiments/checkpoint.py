@@ -5,15 +5,16 @@ A checkpoint is written every ``checkpoint_every`` steps (and at the end) under
 continues to the same numbers as an uninterrupted run. It first compares the stored
 configuration with the run's and names the fields that differ; a checkpoint that cannot
 be read is moved aside (``<step>.damaged``, nothing is deleted) and the next older one
-is used, with a warning. A save is never cut in half by Ctrl-C: the interrupt waits
-until the checkpoint is complete.
+is used, with a warning. A save cut off by ``kill -9`` leaves orbax's
+``<step>.orbax-checkpoint-tmp`` folder: it is never read, and it is removed the next time
+the run's checkpoints are opened, with one warning. (Ctrl-C and SIGTERM never cut a save:
+``interrupts`` lets the loop stop only between saves.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import jax
 
 from jaxgen.experiments.errors import ConfigError, RunWarning
 from jaxgen.experiments.results import StepLogs
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint being written
 
 
 def _is_key(x: Any) -> bool:
@@ -33,20 +36,26 @@ def _storable(leaves: list) -> list:
     return [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
 
 
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold a SIGINT that arrives inside the block until the block is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def _drop_closed_loop_reports() -> None:
+    """Keep a failed restore's aftermath off stderr.
+
+    When orbax fails to read a damaged checkpoint, it closes its event loop while
+    TensorStore reads are still pending; each of them later reports ``RuntimeError:
+    Event loop is closed`` as an unraisable exception (a traceback on stderr, harmless:
+    nothing waits for those reads). This drops exactly those reports, from then on, and
+    passes every other one to the hook that was there.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -67,6 +76,7 @@ class Checkpoints:
 
         self._ocp = ocp
         self.directory = directory.absolute()
+        self._remove_unfinished()
         self._open()
 
     def _open(self) -> None:
@@ -75,20 +85,44 @@ class Checkpoints:
         )
         self.manager = self._ocp.CheckpointManager(self.directory, options=options)
 
+    def close(self) -> None:
+        """Stop orbax's threads (call once the run is over, however it ended)."""
+        self.manager.close()
+
+    def _remove_unfinished(self) -> None:
+        """Delete the folders of saves that were cut off (orbax writes a checkpoint under
+        a temporary name and renames it when complete), with one warning."""
+        leftovers = sorted(self.directory.glob(f"*{TMP_SUFFIX}*"))
+        if jax.process_index() == 0:
+            for leftover in leftovers:
+                shutil.rmtree(leftover, ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxgen: unfinished checkpoints removed")
+        if not leftovers or jax.process_index() > 0:
+            return
+        names = ", ".join(p.name for p in leftovers)
+        warnings.warn(
+            f"removed {names} from {self.directory}: a checkpoint cut off while being "
+            "written (the complete ones are kept)",
+            RunWarning,
+            stacklevel=3,
+        )
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, logs: StepLogs, config: dict[str, Any]) -> None:
         ocp = self._ocp
-        with _interrupts_deferred():
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_storable(jax.tree_util.tree_leaves(state))),
-                    logs=ocp.args.JsonSave(logs.to_json() | {"config": config}),
-                ),
-            )
-            self.manager.wait_until_finished()
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_storable(jax.tree_util.tree_leaves(state))),
+                logs=ocp.args.JsonSave(logs.to_json() | {"config": config}),
+            ),
+        )
+        self.manager.wait_until_finished()
 
     def restore(self, template: Any, config: dict[str, Any]) -> tuple[Any, StepLogs] | None:
         """The newest intact checkpoint as ``(state like template, logs)``, or ``None``.
@@ -145,6 +179,7 @@ class Checkpoints:
 
     def _set_aside(self, step: int, error: Exception) -> str:
         """Rename a damaged checkpoint to ``<step>.damaged`` and say so."""
+        _drop_closed_loop_reports()
         source = self.directory / str(step)
         if jax.process_count() > 1:  # every process would rename it: leave it to the user
             raise ConfigError(
@@ -156,6 +191,7 @@ class Checkpoints:
         suffix = 1
         while target.exists():
             target, suffix = source.with_name(f"{step}.damaged-{suffix}"), suffix + 1
+        self.manager.close()
         source.rename(target)
         self._open()
         cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

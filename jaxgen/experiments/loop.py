@@ -3,8 +3,9 @@
 The story of a run: prepare the data, build the model and the method's step, restore
 or start the state, train segment by segment (a segment ends at a checkpoint or an
 epoch's end; each epoch ends with an evaluation on the full splits and an estimate of
-``E‖H_z‖_F²``), then measure the final weights and write every bound. A non-finite loss
-or weight stops the run and keeps the last good checkpoint.
+``E‖H_z‖_F²``), then measure the final weights and write every bound (``result.json`` last). A
+non-finite loss or weight stops the run and keeps the last good checkpoint; SIGINT or
+SIGTERM stops it at the next safe point with a checkpoint of that step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from jax.sharding import Mesh
 
 import jaxgen
 from jaxgen._sharding import to_host
-from jaxgen.experiments import augment, data, methods, models, results, rng, task
+from jaxgen.experiments import augment, data, interrupts, methods, models, results, rng, task
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.checkpoint import Checkpoints
 from jaxgen.experiments.config import TrainConfig
@@ -83,35 +84,79 @@ def run(
 
     ``mesh``: split every batch over its ``data`` axis (and GMP's perturbations over
     ``perturb``); the numbers are those of one device, within float32 rounding.
+
+    SIGINT or SIGTERM (in the main thread) stops the run at the next safe point: it
+    checkpoints the step it reached and raises ``interrupts.Interrupted`` (a
+    ``KeyboardInterrupt``); ``resume=True`` then continues to the numbers of an
+    uninterrupted run. A second signal acts at once (``interrupts.handled``).
     """
+    with interrupts.handled():
+        return _run(config, Path(out_dir), resume, callbacks, mesh)
+
+
+def _run(config, out_dir: Path, resume: bool, callbacks: Sequence[Callback], mesh) -> RunResult:
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    interrupts.phase("prepare")
     for notice in config.notices():
-        warnings.warn(notice, RunWarning, stacklevel=2)
+        warnings.warn(notice, RunWarning, stacklevel=3)
     _check_writable(out_dir)
     dataset = prepare_data(config)
     steps_per_epoch = dataset.num_train // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
     lrs = config.learning_rates(steps_per_epoch)
     place = Placement(mesh, dataset, config.batch_size)
     parts = _assemble(config, dataset, lrs, steps_per_epoch, place.mesh)
+    interrupts.check()
 
+    interrupts.phase("restore")
     checkpoints = Checkpoints(out_dir / "checkpoints")
-    state = place.state(parts.state)
-    state, logs = _start(checkpoints, state, config, resume=resume, out_dir=out_dir)
-    if parts.estimates is not None and not logs.frobenius:
-        logs.frobenius.append(parts.estimates.hessian_frobenius_sq(state.params, 0))
+    try:
+        state = place.state(parts.state)
+        state, logs = _start(checkpoints, state, config, resume=resume, out_dir=out_dir)
+        if parts.estimates is not None and not logs.frobenius:
+            logs.frobenius.append(parts.estimates.hessian_frobenius_sq(state.params, 0))
+        interrupts.check()
+        state = _train(config, parts, place, dataset, state, logs, checkpoints, callbacks)
+        _stop_if_interrupted(checkpoints, state, logs, config)
+
+        interrupts.phase("estimates")
+        final = None if parts.estimates is None else parts.estimates.final(state.params, lrs, logs)
+        result = results.summarize(
+            config,
+            lrs,
+            logs,
+            final,
+            n=dataset.num_train,
+            version=jaxgen.__version__,
+            tracking=parts.tracking,
+        )
+        result = dataclasses.replace(result, seconds=time.perf_counter() - started)
+        _stop_if_interrupted(checkpoints, state, logs, config)
+        interrupts.phase("write")
+        title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
+        if place.writes_files:
+            with _writing(checkpoints):
+                results.write(out_dir, result, lrs, logs, title=title)
+        return result
+    finally:
+        checkpoints.close()
+
+
+def _train(config, parts, place, dataset, state, logs, checkpoints, callbacks) -> TrainState:
+    """Train from ``state`` to the last step, segment by segment; return the final state."""
+    steps_per_epoch = dataset.num_train // config.batch_size
     for callback in callbacks:
-        callback.on_start(total_steps, int(state.step))
+        callback.on_start(config.epochs * steps_per_epoch, int(state.step))
     epoch_started = time.perf_counter()
     try:
         for segment in _segments(config, int(state.step), steps_per_epoch, dataset.num_train):
             order = segment.order
+            interrupts.phase("segment")
             state, metrics = parts.segment(state, place.batches(order))
             metrics = jax.tree_util.tree_map(place.host, metrics)
             _stop_if_diverged(state, metrics, segment, config, checkpoints)
             logs.extend(metrics)
             if segment.ends_epoch:
+                interrupts.phase("evaluate")
                 variances = logs.variances[-steps_per_epoch:]
                 row = _evaluate(parts.evaluator, state, dataset, variances, segment.epoch, config)
                 logs.epochs.append(row)
@@ -123,8 +168,7 @@ def run(
                     callback.on_epoch(row)
                 epoch_started = time.perf_counter()
             if segment.checkpoint:
-                with _writing(checkpoints):
-                    checkpoints.save(segment.start + len(order), state, logs, config.as_dict())
+                _save(checkpoints, state, logs, config)
             dispersion = _nanmean(metrics.variance) * config.batch_size
             for callback in callbacks:
                 callback.on_steps(
@@ -133,28 +177,29 @@ def run(
                     loss=float(metrics.loss[-1]),
                     dispersion=dispersion,
                 )
+            _stop_if_interrupted(checkpoints, state, logs, config)
     finally:
         for callback in callbacks:
             callback.on_end()
     for callback in callbacks:
         callback.on_trained(state)
+    return state
 
-    final = None if parts.estimates is None else parts.estimates.final(state.params, lrs, logs)
-    result = results.summarize(
-        config,
-        lrs,
-        logs,
-        final,
-        n=dataset.num_train,
-        version=jaxgen.__version__,
-        tracking=parts.tracking,
-    )
-    result = dataclasses.replace(result, seconds=time.perf_counter() - started)
-    title = f"{config.model} on {config.dataset}, noise {config.label_noise}"
-    if place.writes_files:
-        with _writing(checkpoints):
-            results.write(out_dir, result, lrs, logs, title=title)
-    return result
+
+def _save(checkpoints: Checkpoints, state: TrainState, logs, config: TrainConfig) -> None:
+    interrupts.phase("checkpoint")
+    with _writing(checkpoints):
+        checkpoints.save(int(state.step), state, logs, config.as_dict())
+
+
+def _stop_if_interrupted(checkpoints: Checkpoints, state: TrainState, logs, config) -> None:
+    """At a safe point: if SIGINT or SIGTERM came, checkpoint this step and stop."""
+    try:
+        interrupts.check()
+    except interrupts.Interrupted:
+        if checkpoints.latest_step() != int(state.step):
+            _save(checkpoints, state, logs, config)
+        raise
 
 
 class _Parts(NamedTuple):
@@ -276,7 +321,7 @@ def _model(config: TrainConfig, dataset: data.Dataset) -> task.Trainable:
         )
         return task.trainable(config.model, model)
     except ValueError as error:
-        raise ConfigError(f"model {config.model}: {error}") from error
+        raise ConfigError(str(error)) from error  # it names the model
 
 
 def _start(checkpoints: Checkpoints, state: TrainState, config: TrainConfig, *, resume, out_dir):

@@ -261,8 +261,8 @@ def _bounds(config, lrs, logs: StepLogs, estimates: FinalEstimates, n: int) -> d
 
 
 def write(out_dir: Path, result: RunResult, learning_rates, logs: StepLogs, *, title: str) -> None:
-    """``result.json``, ``metrics.csv``, ``steps.npz`` and ``dispersion.png``, atomically."""
-    report.write_json_atomic(out_dir / "result.json", result.to_json())
+    """``metrics.csv``, ``steps.npz``, ``dispersion.png`` and ``result.json``, each
+    atomically; ``result.json`` last, so that it marks a finished run."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(EpochMetrics._fields)
@@ -277,3 +277,4 @@ def write(out_dir: Path, result: RunResult, learning_rates, logs: StepLogs, *, t
         hessian_frobenius_sq=np.asarray(logs.frobenius),
     )
     report.dispersion_figure(logs.epochs, out_dir / "dispersion.png", title=title)
+    report.write_json_atomic(out_dir / "result.json", result.to_json())
