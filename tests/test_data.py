@@ -9,8 +9,9 @@ def small():
     return data.mnist1d(num_samples=500)
 
 
-def test_mnist1d_is_generated_offline_and_deterministic(small):
-    again = data.mnist1d.__wrapped__(num_samples=500)  # generated anew, not the cached one
+def test_mnist1d_is_generated_offline_and_deterministic(small, monkeypatch):
+    monkeypatch.setenv("JAXGEN_CACHE_DIR", "")  # no file kept: generated anew
+    again = data.mnist1d.__wrapped__(num_samples=500)
     assert small.x_train.shape == (400, 40) and small.x_test.shape == (100, 40)
     assert small.x_train.dtype == np.float32 and small.y_train.dtype == np.int32
     np.testing.assert_array_equal(small.x_train, again.x_train)
@@ -24,6 +25,27 @@ def test_mnist1d_is_generated_once_per_process_and_read_only(small):
         small.y_train[0] = 1
     other = data.mnist1d(num_samples=500, seed=7)
     assert not np.array_equal(other.x_train, small.x_train)
+
+
+def test_mnist1d_is_kept_on_disk_and_made_again_when_its_file_is_damaged(
+    small, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("JAXGEN_CACHE_DIR", str(tmp_path))
+    made = data.mnist1d.__wrapped__(num_samples=500)
+    [kept] = tmp_path.glob("mnist1d-*-seed42-n500-split0.8.npz")
+    np.testing.assert_array_equal(made.x_train, small.x_train)
+    kept.write_bytes(b"damaged")
+    again = data.mnist1d.__wrapped__(num_samples=500)
+    np.testing.assert_array_equal(again.x_test, small.x_test)
+    import mnist1d.data
+
+    def never(*args):
+        raise AssertionError("generated although a good file is kept")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", never)
+    read = data.mnist1d.__wrapped__(num_samples=500)  # from the file written again
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(read, name), getattr(small, name))
 
 
 @pytest.mark.parametrize("always_wrong", [False, True])
