@@ -244,13 +244,26 @@ def _compare(expected: dict, path: Path) -> list[str]:
     return [f"result.json differs in {', '.join(differ)}"] if differ else []
 
 
-def campaign(kinds, tries: int, seed: int, jobs: int, folder: Path) -> list[Outcome]:
-    """``tries`` tries of each signal in ``kinds``, ``jobs`` at a time."""
+def campaign(
+    kinds, tries: int, seed: int, jobs: int, folder: Path, *, progress: bool = False
+) -> list[Outcome]:
+    """``tries`` tries of each signal in ``kinds``, ``jobs`` at a time (``progress``: a
+    line on stderr per try)."""
     ref = reference(folder / "reference")
     rng = random.Random(seed)
     plans = [plan(ref, kind, rng) for kind in kinds for _ in range(tries)]
+    done = collections.Counter()
+
+    def one(plan: Plan) -> Outcome:
+        outcome = run_in(folder, ref, plan)
+        done["tries"] += 1
+        if progress:
+            line = f"{plan.kind} in {plan.mark.phase}: status {outcome.status}, {outcome.label}"
+            print(f"[{done['tries']}/{len(plans)}] {line}", file=sys.stderr, flush=True)
+        return outcome
+
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(lambda p: run_in(folder, ref, p), plans))
+        return list(pool.map(one, plans))
 
 
 def run_in(folder: Path, ref: Reference, plan: Plan) -> Outcome:
@@ -293,7 +306,8 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="jaxgen-faults-") as folder:
-        outcomes = campaign(args.signals.split(","), args.tries, args.seed, args.jobs, Path(folder))
+        kinds = args.signals.split(",")
+        outcomes = campaign(kinds, args.tries, args.seed, args.jobs, Path(folder), progress=True)
     print(table(outcomes))
     print(f"\n{len(outcomes)} tries in {time.monotonic() - started:.0f} s")
     return 1 if any(o.problems for o in outcomes) else 0

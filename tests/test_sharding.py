@@ -220,9 +220,9 @@ def test_cli_mesh_writes_the_same_bounds_and_refuses_bad_meshes(one_device, tmp_
         np.testing.assert_allclose(result[key], getattr(reference, key), rtol=1e-4)
     capsys.readouterr()
     for mesh, message in [
-        ("data=16", "--mesh: mesh data=16 needs 16 devices, but there are 8"),
+        ("data=16", "--mesh: data=16 needs 16 devices, but there are 8"),
         ("data=5", "cannot be split evenly over data=5"),
-        ("model=2", "--mesh: mesh axis must be one of data, perturb, got 'model'"),
+        ("model=2", "--mesh: axis must be one of data, perturb, got 'model'"),
     ]:
         assert cli.main([*argv, "--mesh", mesh, "--out", str(tmp_path / mesh)]) == 2
         err = capsys.readouterr().err

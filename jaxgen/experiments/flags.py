@@ -149,5 +149,5 @@ def mesh_from_args(args: argparse.Namespace, batch_size: int):
                 )
             mesh = _sharding.make_mesh({"data": data})
     except ValueError as error:
-        raise ConfigError(f"--mesh: {error}") from error
+        raise ConfigError(f"--mesh: {str(error).removeprefix('mesh ')}") from error
     return None if mesh.devices.size == 1 else mesh
