@@ -1,15 +1,19 @@
 """The ``jaxgen`` command's entry point, outside the package on purpose.
 
 Importing ``jaxgen`` imports JAX, which takes a second or two. This module holds SIGINT
-and SIGTERM from the first instant, before that import, so that a signal at any moment
-of a run is jaxgen's to handle (``jaxgen.experiments.interrupts``): one received during
-the imports stops the command as soon as it starts, with one line and status 130 or 143;
-a second one exits at once.
+and SIGTERM from its first line, before that import, so that a signal at any moment of a
+run is jaxgen's to handle (``jaxgen.experiments.interrupts``): one received during the
+imports stops the command as soon as it starts, with one line and status 130 or 143; a
+second one exits at once. (Before this module runs, in the few hundredths of a second
+Python takes to start, a signal has its default effect: the process ends, which the
+shell reports as 130 or 143 all the same, and nothing has been written.) It marks the
+``import`` phase as ``interrupts.phase`` does, which it cannot import yet.
 """
 
 import os
 import signal
 import sys
+import time
 
 
 def main() -> None:
@@ -26,6 +30,9 @@ def main() -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, hold)
+    if os.environ.get("JAXGEN_PHASES"):
+        with open(os.environ["JAXGEN_PHASES"], "a") as phases:
+            phases.write(f"{time.monotonic():.6f} import\n")
     from jaxgen import cli
 
     cli.run_command(pending=held)

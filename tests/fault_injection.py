@@ -14,7 +14,10 @@ that phase's length in an uninterrupted run, and send the signal to the process 
 check:
 
 - the status: 130 (SIGINT), 143 (SIGTERM), -9 (SIGKILL), or 0 when the run was already
-  writing its results (they are then complete);
+  writing its results (they are then complete); in the ``python`` phase, the few
+  hundredths of a second before the launcher runs, Python's own handling: the process
+  dies of the signal, or (SIGINT) of a ``KeyboardInterrupt`` in Python's startup code
+  (counted apart, "before jaxgen");
 - stderr: no traceback; on 130/143 its last line is the documented one (where the last
   checkpoint is and the command that resumes);
 - unless the run completed: ``--resume`` exits 0 without a traceback and leaves no
@@ -47,8 +50,8 @@ ARGS = (
     "--no-progress",
 )  # fmt: skip
 SIGNALS = ("SIGINT", "SIGTERM", "SIGKILL", "SIGINT*2")
-PHASES = ("import", "start", "prepare", "restore", "segment", "evaluate", "checkpoint",
-          "estimates", "write", "exit")  # fmt: skip  # "import": before jaxgen's first line
+PHASES = ("python", "import", "start", "prepare", "restore", "segment", "evaluate",
+          "checkpoint", "estimates", "write", "exit")  # fmt: skip
 TIMINGS = {"seconds", "seconds_per_epoch"}  # the keys that may differ between runs
 EXPECTED = {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9, "SIGINT*2": 130}
 LAST_LINE = {
@@ -61,6 +64,7 @@ RESUME_HINT = (
     r"|before the run started; run it again)"
 )
 TIMEOUT = 300
+LABELS = ("completed", "resumed", "before jaxgen", "wrong")  # what became of a try
 
 
 def command() -> list[str]:
@@ -93,6 +97,7 @@ class Outcome:
     phase: str
     delay: float
     status: int | None = None
+    early: bool = False  # it came before the launcher ran (while Python started)
     resumed: bool = False
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -100,6 +105,8 @@ class Outcome:
     def label(self) -> str:
         if self.problems:
             return "wrong"
+        if self.early:
+            return "before jaxgen"
         return "resumed" if self.resumed else "completed"
 
 
@@ -127,7 +134,7 @@ def reference(folder: Path) -> Reference:
         raise RuntimeError(f"the uninterrupted run failed:\n{done.stderr}")
     marks, seen = [], collections.Counter()
     log = _phases(phases)
-    marks.append(Mark("import", 0, log[0][0] - started))
+    marks.append(Mark("python", 0, log[0][0] - started))  # Python starting, before jaxgen
     for (time_, name), (next_time, _) in zip(log, [*log[1:], (ended, "")], strict=True):
         marks.append(Mark(name, seen[name], next_time - time_))
         seen[name] += 1
@@ -174,7 +181,10 @@ def run_try(ref: Reference, plan: Plan, folder: Path) -> Outcome:
             return outcome
         err.seek(0)
         stderr = err.read()
-    outcome.problems += _judge(kind, outcome.status, stderr, [*argv[-len(ARGS) - 2 :], "--resume"])
+    early = not any(name == "import" for _, name in _phases(phases))  # before the launcher
+    resume = [*argv[-len(ARGS) - 2 :], "--resume"]
+    outcome.early = early
+    outcome.problems += _judge(kind, outcome.status, stderr, resume, early=early)
     if outcome.status != 0:
         resumed = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True,
                                  timeout=TIMEOUT)  # fmt: skip
@@ -192,9 +202,9 @@ def run_try(ref: Reference, plan: Plan, folder: Path) -> Outcome:
 
 
 def _wait_for(mark: Mark, phases: Path, process: subprocess.Popen) -> None:
-    """Return when the ``mark.occurrence``-th ``mark.phase`` line appears (``import``:
-    at once; the process's start is the import's)."""
-    if mark.phase == "import":
+    """Return when the ``mark.occurrence``-th ``mark.phase`` line appears (``python``:
+    at once, the process has just started)."""
+    if mark.phase == "python":
         return
     while process.poll() is None:
         seen = [name for _, name in _phases(phases) if name == mark.phase]
@@ -214,10 +224,17 @@ def _send(process: subprocess.Popen, kind: str, gap: float) -> None:
         pass
 
 
-def _judge(kind: str, status: int, stderr: str, resume: list[str]) -> list[str]:
+def _judge(kind: str, status: int, stderr: str, resume: list[str], *, early: bool) -> list[str]:
     """The status and stderr against the documented ones (``resume``: the arguments of
-    the command that resumes the run)."""
+    the command that resumes the run; ``early``: the signal came before the launcher
+    ran, while Python was starting, and may end the process by its default action)."""
     problems = []
+    if early:  # Python's own handling: killed by the signal, or a KeyboardInterrupt
+        lines = stderr.strip().splitlines()  # raised in its startup code (status 1)
+        if status in (-signal.Signals[kind.removesuffix("*2")], 1) and (
+            not lines or lines[-1] == "KeyboardInterrupt"
+        ):
+            return problems
     if "Traceback" in stderr or "Exception ignored" in stderr:
         problems.append("traceback: " + stderr[-400:].replace("\n", " | "))
     if status == 0:
@@ -282,11 +299,11 @@ def table(outcomes: list[Outcome]) -> str:
         mine = [o for o in outcomes if o.signal == kind]
         right = sum(not o.problems for o in mine)
         lines += [f"\n{kind}: {right} of {len(mine)} tries correct", ""]
-        lines += ["| phase | tries | completed | resumed | wrong |", "|---|---|---|---|---|"]
+        lines += ["| phase | tries | " + " | ".join(LABELS) + " |", "|---" * 6 + "|"]
         for phase in dict.fromkeys(o.phase for o in sorted(mine, key=_phase_order)):
             here = collections.Counter(o.label for o in mine if o.phase == phase)
-            lines.append(f"| {phase} | {sum(here.values())} | {here['completed']} | "
-                         f"{here['resumed']} | {here['wrong']} |")  # fmt: skip
+            counts = [sum(here.values())] + [here[label] for label in LABELS]
+            lines.append(f"| {phase} | " + " | ".join(map(str, counts)) + " |")
         for o in mine:
             for problem in o.problems:
                 lines.append(f"- {o.phase} +{o.delay:.3f} s, status {o.status}: {problem}")
