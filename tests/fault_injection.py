@@ -321,6 +321,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="tries at a time (default 2)")
     args = parser.parse_args()
+    # A shell starts background jobs with SIGINT ignored, and children inherit that;
+    # a handler here makes theirs the default again, as in a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="jaxgen-faults-") as folder:
         kinds = args.signals.split(",")
