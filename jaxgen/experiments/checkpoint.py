@@ -42,8 +42,8 @@ def _drop_closed_loop_reports() -> None:
     When orbax fails to read a damaged checkpoint, it closes its event loop while
     TensorStore reads are still pending; each of them later reports ``RuntimeError:
     Event loop is closed`` as an unraisable exception (a traceback on stderr, harmless:
-    nothing waits for those reads). This drops exactly those reports, from then on, and
-    passes every other one to the hook that was there.
+    nothing waits for those reads). From the first restore on, this drops exactly those
+    reports and passes every other one to the hook that was there.
     """
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
@@ -130,6 +130,7 @@ class Checkpoints:
         Raises ``ConfigError`` if it was written with another configuration, or if
         checkpoints exist and none of them can be read.
         """
+        _drop_closed_loop_reports()  # before a read fails: the reports may come at once
         damaged = []
         while (step := self.latest_step()) is not None:
             try:
@@ -179,7 +180,6 @@ class Checkpoints:
 
     def _set_aside(self, step: int, error: Exception) -> str:
         """Rename a damaged checkpoint to ``<step>.damaged`` and say so."""
-        _drop_closed_loop_reports()
         source = self.directory / str(step)
         if jax.process_count() > 1:  # every process would rename it: leave it to the user
             raise ConfigError(
