@@ -10,6 +10,7 @@ from importlib import metadata as _metadata
 
 from jaxgen import bounds
 from jaxgen._amp import AMPState, amp
+from jaxgen._clipped import ClippedGrad, clipped_grad
 from jaxgen._clipping import DynamicClipState, dynamic_clip
 from jaxgen._flatness import MonteCarloEstimate, flatness_term, gradient_sensitivity
 from jaxgen._gmp import GMPState, gmp
@@ -32,6 +33,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AMPState",
+    "ClippedGrad",
     "DispersionStats",
     "DynamicClipState",
     "GMPState",
@@ -40,6 +42,7 @@ __all__ = [
     "amp",
     "batch_grad_fn",
     "bounds",
+    "clipped_grad",
     "dynamic_clip",
     "flatness_term",
     "gradient_dispersion",

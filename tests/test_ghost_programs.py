@@ -52,7 +52,25 @@ def _check(loss_fn, params, batch, *, warns: bool, rtol=2e-4):
         np.testing.assert_allclose(stats.dispersion, dispersion, rtol=rtol, atol=1e-7)
         for got, want in zip(*map(jax.tree_util.tree_leaves, (stats.grad, mean)), strict=True):
             np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
+    _check_clipped(loss_fn, params, batch, np.sqrt(sq_norms), rtol)
     return messages
+
+
+def _check_clipped(loss_fn, params, batch, norms, rtol, scaled_atol=0.0):
+    """``clipped_grad`` (ghost) against the float64 clip-mean oracle, half the examples
+    clipped (``test_clipped.py``); ``scaled_atol``: an absolute tolerance as a fraction
+    of each leaf's largest entry (low precision)."""
+    from test_clipped import _median, clip_oracle
+
+    max_norm = _median(norms) if np.ptp(norms) > 0 else float(norms[0]) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warnings are _check's subject
+        got = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=max_norm, method="ghost")
+    want, sq_norms, _ = clip_oracle(loss_fn, params, batch, max_norm)
+    np.testing.assert_allclose(got.sq_norms, sq_norms, rtol=rtol, atol=1e-6)
+    for g, w in zip(*map(jax.tree_util.tree_leaves, (got.grad, want)), strict=True):
+        atol = max(1e-6, scaled_atol * float(np.max(np.abs(w))))
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=atol)
 
 
 def _normal(key, *shape):
@@ -223,6 +241,7 @@ def test_bfloat16_parameters():
     stats = jaxgen.gradient_dispersion(loss, params, BATCH)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=3e-2)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=3e-2)
+    _check_clipped(loss, params, BATCH, np.sqrt(sq_norms), rtol=3e-2, scaled_atol=2e-2)
 
 
 def test_float64_parameters_give_float64_results():
@@ -256,6 +275,7 @@ def test_auto_is_exact_when_the_mean_gradient_dominates_by_1e8():
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
 
 
 def test_flax_linen_and_equinox_models():
@@ -558,6 +578,7 @@ def test_scanned_layers_are_exact_when_the_mean_gradient_dominates():
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
 
 
 def test_a_cancelling_tapped_leaf_beside_one_that_does_not_cancel():
@@ -579,6 +600,7 @@ def test_a_cancelling_tapped_leaf_beside_one_that_does_not_cancel():
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
     for name in ("w", "v"):
         with jax.enable_x64(True):
             grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(
@@ -707,6 +729,7 @@ def test_tied_layers_are_exact_when_the_mean_gradient_dominates():
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
+    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
 
 
 def test_a_convolution_repeated_by_a_loop_sums_its_kernel_gradients():

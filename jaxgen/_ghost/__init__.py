@@ -156,9 +156,16 @@ def _probe(use: Use, tap: Tap | None, size: int):
 
 
 def _backward(
-    traced: _Traced, plan: Plan, leaves: list, example_leaves: list, tapped: bool = True
+    traced: _Traced,
+    plan: Plan,
+    leaves: list,
+    example_leaves: list,
+    tapped: bool = True,
+    leaf_grads: bool = True,
 ) -> _Backward:
-    """The backward pass with probes; ``tapped=False``: every use captures (``_tap``)."""
+    """The backward pass with probes; ``tapped=False``: every use captures (``_tap``);
+    ``leaf_grads=False``: the parameters' gradients are not formed (``mean_grad`` is
+    ``None``), only the probes' (the output gradients ``δ``)."""
     size, own_mean = example_leaves[0].shape[0], plan.own_mean
     fast = set(plan.fast.values()) if tapped else set()
     taps = [_tap(use) if u in fast else None for u, use in enumerate(plan.uses)]
@@ -179,12 +186,17 @@ def _backward(
         return jnp.sum(losses), (losses, captured)
 
     probes = [_probe(use, tap, size) for use, tap in zip(plan.uses, taps, strict=True)]
-    (grad_sum, deltas), (losses, captured) = jax.grad(summed, argnums=(0, 1), has_aux=True)(
-        leaves, probes
-    )
+    if leaf_grads:
+        (grad_sum, deltas), (losses, captured) = jax.grad(summed, argnums=(0, 1), has_aux=True)(
+            leaves, probes
+        )
+        mean_grad = [g / size for g in grad_sum]
+    else:
+        deltas, (losses, captured) = jax.grad(summed, argnums=1, has_aux=True)(leaves, probes)
+        mean_grad = None
     stats = [d if tap else None for d, tap in zip(deltas, taps, strict=True)]
     deltas = [[] if tap else d for d, tap in zip(deltas, taps, strict=True)]
-    return _Backward(losses, [g / size for g in grad_sum], captured, deltas, stats)
+    return _Backward(losses, mean_grad, captured, deltas, stats)
 
 
 # A ghost leaf is recomputed exactly when Σ_i‖g_i − ḡ‖² < CANCELLATION · Σ_i‖g_i‖²,
@@ -205,6 +217,63 @@ class _Exact(NamedTuple):
     tapped: bool
 
 
+def _rows(use: Use, size: int):
+    """In an opened scan, a batched array as one row per iteration and example
+    (iteration-major); outside loops, unchanged."""
+    iterations = math.prod(use.loops)
+
+    def rows(a):
+        return a.reshape(iterations * size, *a.shape[1 + len(use.loops) :]) if use.loops else a
+
+    return rows
+
+
+def _operands(use: Use, backward: _Backward, u: int):
+    """The use's example operand and output gradient, as rows (``_rows``)."""
+    rows = _rows(use, backward.losses.shape[0])
+    (x,), (delta,) = backward.captured[u], backward.deltas[u]
+    return rows(x), rows(delta)
+
+
+def rule_grads(use: Use, backward: _Backward, u: int) -> jax.Array:
+    """The batch of per-example gradients of a leaf whose rule has ``grads``, in the
+    layout of the use's operand; in opened scans flattened to ``(b, n)``, summed over the
+    iterations of a tied leaf and stacked over those of a stacked one."""
+    size, iterations = backward.losses.shape[0], math.prod(use.loops)
+    if backward.stats[u] is not None:  # tapped
+        grads = _rows(use, size)(backward.stats[u])
+    else:
+        grads = use.rule.grads(use, *_operands(use, backward, u))
+    if use.loops:  # a tied leaf's gradient is the sum over iterations, a stacked one's
+        grads = grads.reshape(iterations, size, *grads.shape[1:])  # the stack of slices
+        grads = pairwise_sum(grads) if use.tied else jnp.moveaxis(grads, 0, 1)
+        grads = grads.reshape(size, -1)
+    return grads
+
+
+def rule_sq_norms(use: Use, backward: _Backward, u: int):
+    """``(‖g_i‖², matrices)`` of a leaf whose rule has ``sq_norms``: ``matrices`` are the
+    batched row matrices ``(xm, dm)`` of a tied dense leaf (every iteration's rows in one
+    product ``xmᵀ dm``, ``Rule.matrices``), else ``None``."""
+    size, iterations = backward.losses.shape[0], math.prod(use.loops)
+    if use.loops and use.tied:
+        xm, dm = jax.vmap(functools.partial(use.rule.matrices, use))(*_operands(use, backward, u))
+        xm, dm = (
+            jnp.moveaxis(a.reshape(iterations, size, *a.shape[1:]), 0, 1).reshape(
+                size, iterations * a.shape[1], a.shape[2]
+            )
+            for a in (xm, dm)
+        )
+        return jax.vmap(product_sq_norm)(xm, dm), (xm, dm)
+    if backward.stats[u] is not None:  # tapped
+        norms = _rows(use, size)(backward.stats[u])
+    else:
+        norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(*_operands(use, backward, u))
+    if use.loops:  # the slices partition the leaf: their squared norms add up
+        norms = jnp.sum(norms.reshape(iterations, size), axis=0)
+    return norms, None
+
+
 def _fast_leaf(
     use: Use, backward: _Backward, u: int, mean: jax.Array, in_chunks
 ) -> tuple[LeafStats, jax.Array | None, _Exact | None]:
@@ -214,62 +283,35 @@ def _fast_leaf(
     ``centred_m2`` where it has one, else by ``in_chunks(backward)`` from per-example
     gradients, from this use's operands and ``δ`` (in ``_exact_where_cancelling``)."""
     size, iterations = backward.losses.shape[0], math.prod(use.loops)
-
-    def rows(a):  # in an opened scan: one row per iteration and example (iteration-major)
-        return a.reshape(iterations * size, *a.shape[1 + len(use.loops) :]) if use.loops else a
-
-    def operands(b: _Backward):
-        (x,), (delta,) = b.captured[u], b.deltas[u]
-        return rows(x), rows(delta)
-
-    tapped = backward.stats[u] is not None
     if use.rule.grads is not None:  # centred on their own mean: the operand's layout
-        grads = rows(backward.stats[u]) if tapped else use.rule.grads(use, *operands(backward))
-        if use.loops:  # a tied leaf's gradient is the sum over iterations, a stacked one's
-            grads = grads.reshape(iterations, size, *grads.shape[1:])  # the stack of slices
-            grads = pairwise_sum(grads) if use.tied else jnp.moveaxis(grads, 0, 1)
-            grads = grads.reshape(size, -1)
+        grads = rule_grads(use, backward, u)
         own_mean = pairwise_sum(grads) / grads.shape[0]
         return centred(grads, own_mean), own_mean, None
 
     exact = in_chunks
-    if use.loops and use.tied:  # every iteration's rows in one product xmᵀ dm
-        xm, dm = jax.vmap(functools.partial(use.rule.matrices, use))(*operands(backward))
-        xm, dm = (
-            jnp.moveaxis(a.reshape(iterations, size, *a.shape[1:]), 0, 1).reshape(
-                size, iterations * a.shape[1], a.shape[2]
-            )
-            for a in (xm, dm)
-        )
-        norms = jax.vmap(product_sq_norm)(xm, dm)
+    norms, matrices = rule_sq_norms(use, backward, u)
+    if matrices is not None:
 
         def exact(b):
             del b
-            return LeafStats(norms, rows_centred_m2(xm, dm).astype(norms.dtype))
+            return LeafStats(norms, rows_centred_m2(*matrices).astype(norms.dtype))
 
-    else:
-        if tapped:
-            norms = rows(backward.stats[u])
-        else:
-            norms = jax.vmap(functools.partial(use.rule.sq_norms, use))(*operands(backward))
-        if use.loops:  # the slices partition the leaf: their squared norms add up
-            norms = jnp.sum(norms.reshape(iterations, size), axis=0)
-        if use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
+    elif use.rule.centred_m2 is not None:  # exact, in blocks far smaller than the leaf
 
-            def exact(b):
-                x, delta = operands(b)
-                if use.loops:  # iteration by iteration: each slice centred on its own mean
-                    per_iteration = (a.reshape(iterations, size, *a.shape[1:]) for a in (x, delta))
-                    m2 = jax.lax.map(lambda xd: use.rule.centred_m2(use, *xd), tuple(per_iteration))
-                    return LeafStats(norms, jnp.sum(m2).astype(norms.dtype))
-                return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(norms.dtype))
+        def exact(b):
+            x, delta = _operands(use, b, u)
+            if use.loops:  # iteration by iteration: each slice centred on its own mean
+                per_iteration = (a.reshape(iterations, size, *a.shape[1:]) for a in (x, delta))
+                m2 = jax.lax.map(lambda xd: use.rule.centred_m2(use, *xd), tuple(per_iteration))
+                return LeafStats(norms, jnp.sum(m2).astype(norms.dtype))
+            return LeafStats(norms, use.rule.centred_m2(use, x, delta).astype(norms.dtype))
 
     dtype = norms.dtype
     total = jnp.sum(norms)
     m2 = total - norms.shape[0] * jnp.sum(jnp.square(mean.astype(dtype)))
     ghost = LeafStats(norms, jnp.maximum(m2, 0.0))
     cancels = m2 < CANCELLATION_EPS * jnp.finfo(dtype).eps * total
-    return ghost, None, _Exact(cancels, exact, tapped)
+    return ghost, None, _Exact(cancels, exact, tapped=backward.stats[u] is not None)
 
 
 def _exact_where_cancelling(
@@ -314,6 +356,35 @@ def _exact_where_cancelling(
 LOOPS = ("scan", "while")
 
 
+class Program(NamedTuple):
+    """``loss_fn`` traced and planned for a batch (``prepare``)."""
+
+    traced: _Traced
+    plan: Plan
+    leaves: list
+    example_leaves: list
+    loops_per_example: bool  # a materialised leaf's exact path would run a loop per example
+
+
+def prepare(loss_fn: LossFn, params: PyTree, batch: PyTree, *, warn: bool) -> Program:
+    """Trace and plan ``loss_fn``; with ``warn``, name the leaves no rule covers."""
+    leaves = jax.tree_util.tree_leaves(params)
+    example_leaves = jax.tree_util.tree_leaves(batch)
+    traced = _trace(loss_fn, params, batch)
+    one = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in example_leaves]
+    plan = _discover(traced, leaves, one)
+    loops = any(
+        use.eqn.primitive.name in LOOPS for use in plan.uses if use.leaves & set(plan.materialised)
+    )
+    if warn and plan.unsupported:
+        names = ", ".join(jax.tree_util.keystr(p) for p in _paths(params, plan.unsupported))
+        _warn_once(
+            "method='ghost': no ghost rule covers parameters "
+            f"{names}; their per-example gradients are materialised (exactly)"
+        )
+    return Program(traced, plan, leaves, example_leaves, loops)
+
+
 def ghost_dispersion(
     loss_fn: LossFn, params: PyTree, batch: PyTree, *, warn: bool, fallback=None
 ) -> DispersionStats:
@@ -322,24 +393,11 @@ def ghost_dispersion(
     ``fallback()``, if given, is returned instead when a materialised parameter's exact
     path would run a loop per example (``LOOPS``).
     """
-    leaves = jax.tree_util.tree_leaves(params)
-    example_leaves = jax.tree_util.tree_leaves(batch)
-    size = example_leaves[0].shape[0]
-    traced = _trace(loss_fn, params, batch)
-    one = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in example_leaves]
-    plan = _discover(traced, leaves, one)
-    if fallback is not None and any(
-        plan.uses[u].eqn.primitive.name in LOOPS
-        for u in range(len(plan.uses))
-        if plan.uses[u].leaves & set(plan.materialised)
-    ):
+    prepared = prepare(loss_fn, params, batch, warn=warn)
+    if fallback is not None and prepared.loops_per_example:
         return fallback()
-    if warn and plan.unsupported:
-        names = ", ".join(jax.tree_util.keystr(p) for p in _paths(params, plan.unsupported))
-        _warn_once(
-            "method='ghost': no ghost rule covers parameters "
-            f"{names}; their per-example gradients are materialised (exactly)"
-        )
+    traced, plan, leaves, example_leaves = prepared[:4]
+    size = example_leaves[0].shape[0]
     backward = _backward(traced, plan, leaves, example_leaves)
 
     program = (plan, traced.jaxpr, traced.consts, leaves)

@@ -408,10 +408,16 @@ def bind(eqn, values):
 class ParamOnly(Interpreter):
     """Evaluates only the parameter-derived part; records each use's parameter operands
     (``operands``) and its constant operands by position (``constants``: literals, closed
-    over arrays, values computed from neither parameters nor the example)."""
+    over arrays, values computed from neither parameters nor the example).
 
-    def __init__(self, closed: frozenset[int] = frozenset()):
+    ``in_loops``: the uses in opened scans are recorded too, one value per iteration
+    stacked on leading loop axes (``Use.loops``), constants as arrays of their operand's
+    dtype; otherwise they are ``None``.
+    """
+
+    def __init__(self, closed: frozenset[int] = frozenset(), in_loops: bool = False):
         super().__init__(closed=closed)
+        self.in_loops = in_loops
         self.operands: list[list[Any] | None] = []
         self.constants: list[dict[int, Any] | None] = []
 
@@ -427,7 +433,13 @@ class ParamOnly(Interpreter):
             if PARAM in kinds:
                 self.operands.append([e.value for e in entries if e.kind == PARAM])
                 self.constants.append(
-                    {i: e.value for i, e in enumerate(entries) if e.kind == CONST}
+                    {
+                        i: jnp.asarray(e.value, eqn.invars[i].aval.dtype)
+                        if self.in_loops
+                        else e.value
+                        for i, e in enumerate(entries)
+                        if e.kind == CONST
+                    }
                 )
             return [Value(None, EXAMPLE) for _ in eqn.outvars]
         return super()._apply(eqn, entries)
@@ -444,20 +456,25 @@ class ParamOnly(Interpreter):
         def step(kept_values, xs_values):
             values = iter(kept_values)
             carry_values = [next(values) if keep else None for keep in kept]
-            inner = ParamOnly(self.closed)
+            inner = ParamOnly(self.closed, self.in_loops)
             args = self._body_args(eqn, entries, kinds, carry_values, xs_values)
             results = inner._eval(body.jaxpr, [Value(c, CONST) for c in body.consts], args)
             carry = [r.value for r, keep in zip(results[:num_carry], kept, strict=True) if keep]
-            return carry, [None if r.kind == EXAMPLE else r.value for r in results[num_carry:]]
+            ys = [None if r.kind == EXAMPLE else r.value for r in results[num_carry:]]
+            return carry, (ys, (inner.operands, inner.constants) if self.in_loops else None)
 
         carries = entries[num_consts : num_consts + num_carry]
         init = [e.value for e, keep in zip(carries, kept, strict=True) if keep]
         xs = [None if e.kind == EXAMPLE else e.value for e in entries[num_consts + num_carry :]]
-        carry, ys = jax.lax.scan(
+        carry, (ys, recorded) = jax.lax.scan(
             step, init, xs, length=eqn.params["length"], reverse=eqn.params["reverse"]
         )
         carry = iter(carry)
         values = [next(carry) if keep else None for keep in kept] + list(ys)
-        self.operands += [None] * len(discovery.operands)
-        self.constants += [None] * len(discovery.constants)
+        if recorded is None:
+            self.operands += [None] * len(discovery.operands)
+            self.constants += [None] * len(discovery.constants)
+        else:
+            self.operands += recorded[0]
+            self.constants += recorded[1]
         return [Value(v, o.kind, o.leaves) for v, o in zip(values, outs, strict=True)]

@@ -1,0 +1,134 @@
+"""Per-example clipped gradients from one backward pass, by book-keeping.
+
+Clipping rescales each example's loss: ``Σ_i c_i g_i = ∇_w Σ_i c_i ℓ_i`` with the ``c_i``
+held fixed, so every output gradient of the rescaled loss is ``c_i δ_i`` (Bu, Wang, Zha
+& Karypis, "Differentially private optimization on large model at small cost", ICML
+2023). The backward pass with probes (``jaxgen._ghost``) gives each use's example operand
+``x_i`` and ``δ_i`` and, from them, every example's squared norm per leaf; it forms no
+parameter gradient. Then, per leaf:
+
+- a leaf a fast rule covers gets ``Σ_i c_i J_iᵀ δ_i`` through the VJP of its one
+  equation, batched over the examples with the weight shared (for a dense layer the
+  single product ``Xᵀ (c ⊙ Δ)``), pulled back to the leaf through the parameter-only part
+  of the program; inside opened scans, per iteration (a stacked leaf's slices, a tied
+  leaf's sum). All of them are one ``jax.grad`` of the surrogate
+  ``Σ_u ⟨f_u(x_u, W_u(w)), c ⊙ δ_u⟩`` with ``x``, ``δ`` and ``c`` constant
+  (``_weighted_grads``): no second backward through the network.
+- a leaf whose per-example gradients are at hand (those no rule covers, which are
+  materialised; a convolution kernel's, which its rule forms) gets ``Σ_i c_i g_i``
+  directly.
+
+Nothing of size ``b × P`` is formed beyond what ``gradient_dispersion`` forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen._ghost import Program, _Backward, _backward, rule_grads, rule_sq_norms
+from jaxgen._ghost.interpreter import ParamOnly, Use, bind
+from jaxgen._ghost.materialise import materialise
+from jaxgen._ghost.rules import accumulator
+
+
+class Clipped(NamedTuple):
+    losses: jax.Array  # (b,)
+    sums: list  # per leaf: Σ_i c_i g_i, in the leaf's dtype
+    layer_sq_norms: list  # per leaf: (b,) ‖g_i‖² restricted to it
+
+
+def ghost_clipped(
+    program: Program, scales: Callable[[list[jax.Array]], list[jax.Array]]
+) -> Clipped:
+    """``Σ_i c_i g_i`` per leaf, with ``c = scales(layer_sq_norms)`` (one ``(b,)`` factor
+    per leaf) computed from the per-leaf squared norms of the same pass."""
+    traced, plan, leaves, example_leaves = program[:4]
+    size = example_leaves[0].shape[0]
+    backward = _backward(traced, plan, leaves, example_leaves, tapped=False, leaf_grads=False)
+    dtype = accumulator(*leaves)
+    norms, grads = {}, {}
+    for leaf, u in plan.fast.items():
+        use = plan.uses[u]
+        if use.rule.grads is None:
+            norms[leaf] = rule_sq_norms(use, backward, u)[0].astype(dtype)
+            continue
+        g = rule_grads(use, backward, u)
+        norms[leaf] = jnp.sum(jnp.square(g.reshape(size, -1).astype(dtype)), axis=1)
+        if leaf in plan.own_mean:  # the operand is the leaf: g in its layout
+            grads[leaf] = g
+    if plan.materialised:
+        exact = materialise(
+            plan, traced.jaxpr, traced.consts, leaves, backward.captured, backward.deltas,
+            plan.materialised,
+        )  # fmt: skip
+        for leaf, g in exact.items():
+            norms[leaf] = jnp.sum(jnp.square(g.reshape(size, -1).astype(dtype)), axis=1)
+            grads[leaf] = g
+    zero = jnp.zeros((size,), dtype)
+    layer_sq_norms = [norms.get(i, zero) for i in range(len(leaves))]
+    factors = scales(layer_sq_norms)
+    sums = [jnp.zeros_like(leaf) for leaf in leaves]
+    for leaf, g in grads.items():
+        summed = jnp.tensordot(factors[leaf].astype(dtype), g.astype(dtype), axes=1)
+        sums[leaf] = summed.reshape(leaves[leaf].shape).astype(leaves[leaf].dtype)
+    targets = sorted(leaf for leaf in plan.fast if leaf not in grads)
+    if targets:
+        weighted = _weighted_grads(program, backward, targets, factors)
+        for leaf, g in zip(targets, weighted, strict=True):
+            sums[leaf] = g
+    return Clipped(backward.losses, sums, layer_sq_norms)
+
+
+def _weighted_grads(program: Program, backward: _Backward, targets: list[int], factors):
+    """``Σ_i c_i g_i`` for fast leaves ``targets`` (see the module docstring)."""
+    traced, plan, leaves = program.traced, program.plan, program.leaves
+
+    def surrogate(values):
+        full = list(leaves)
+        for leaf, value in zip(targets, values, strict=True):
+            full[leaf] = value
+        interpreter = ParamOnly(plan.closed, in_loops=True)
+        interpreter.run(traced.jaxpr, traced.consts, full, None)
+        total = jnp.zeros((), jnp.float32)
+        for leaf in targets:
+            u = plan.fast[leaf]
+            use = plan.uses[u]
+            outs = _outputs(
+                use, interpreter.operands[u], interpreter.constants[u], backward.captured[u]
+            )
+            for out, delta in zip(outs, backward.deltas[u], strict=True):
+                if delta is None:
+                    continue
+                loops = len(use.loops)
+                shape = (1,) * loops + (-1,) + (1,) * (delta.ndim - loops - 1)
+                c = factors[leaf].reshape(shape).astype(delta.dtype)
+                weighted = jax.lax.stop_gradient(delta * c)
+                total = total + jnp.sum(out * weighted).astype(jnp.float32)
+        return total
+
+    return jax.grad(surrogate)([leaves[leaf] for leaf in targets])
+
+
+def _outputs(use: Use, param_values, constants, example_values):
+    """The use's equation on the whole batch (and, in opened scans, every iteration),
+    its parameter operands shared by the examples."""
+
+    def apply(params, consts, examples):
+        values = [consts.get(i) for i in range(len(use.eqn.invars))]
+        for i, v in zip(use.param_positions, params, strict=True):
+            values[i] = v
+        for i, v in zip(use.example_positions, examples, strict=True):
+            values[i] = v
+        return bind(use.eqn, values)
+
+    def over_batch(params, consts, examples):
+        return jax.vmap(lambda x: apply(params, consts, x))(examples)
+
+    batched = over_batch
+    for _ in use.loops:
+        batched = jax.vmap(batched)
+    return batched(param_values, constants, example_values)
