@@ -17,6 +17,7 @@ from jaxgen._gmp import GMPState, gmp
 from jaxgen._grad_fn import batch_grad_fn
 from jaxgen._hessian import TraceEstimate, hessian_trace
 from jaxgen._per_example import DispersionStats, gradient_dispersion, per_example_grads
+from jaxgen._privacy import DPNoiseState, clipped_grad_fn, dp_epsilon, dp_noise
 from jaxgen._sharding import make_mesh, replicate, shard_batch
 
 try:
@@ -34,6 +35,7 @@ def __getattr__(name: str):
 __all__ = [
     "AMPState",
     "ClippedGrad",
+    "DPNoiseState",
     "DispersionStats",
     "DynamicClipState",
     "GMPState",
@@ -43,6 +45,9 @@ __all__ = [
     "batch_grad_fn",
     "bounds",
     "clipped_grad",
+    "clipped_grad_fn",
+    "dp_epsilon",
+    "dp_noise",
     "dynamic_clip",
     "flatness_term",
     "gradient_dispersion",

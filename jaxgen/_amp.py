@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxgen import _checks
@@ -71,7 +72,7 @@ def amp(
     """
     _checks.non_negative("epsilon", epsilon)
     _checks.non_negative("inner_lr", inner_lr)
-    _checks.integer("inner_steps", inner_steps, minimum=1)
+    _checks.count("inner_steps", inner_steps, minimum=1, static=False)
 
     def init_fn(params: PyTree) -> AMPState:
         del params
@@ -100,7 +101,7 @@ def amp(
             return grad_fn(optax.tree.add(params, delta))
 
         delta = ascend(optax.tree.zeros_like(params), updates)
-        if inner_steps > 1:
+        if not isinstance(inner_steps, int | np.integer) or inner_steps > 1:  # may be traced
             delta = jax.lax.fori_loop(
                 1, inner_steps, lambda _, d: ascend(d, perturbed_grad(d)), delta
             )

@@ -65,6 +65,31 @@ def integer(name: str, value: Any, *, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def count(name: str, value: Any, *, minimum: int, static: bool) -> None:
+    """``value`` is an integer >= ``minimum``: a Python or NumPy integer, or a 0-d
+    integer array (``optax.inject_hyperparams`` turns every number into one). Traced, it
+    is let through unless ``static`` (it fixes a shape): then the message says how to
+    keep it a Python integer."""
+    if isinstance(value, jax.core.Tracer):
+        if static:
+            raise ValueError(
+                f"{name} fixes a shape and must be a Python integer, but it is traced here "
+                "(optax.inject_hyperparams makes every number an array): pass "
+                f"static_args=({name!r},) to optax.inject_hyperparams"
+            )
+        if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        return
+    array = np.asarray(value)
+    if (
+        isinstance(value, bool)
+        or array.ndim != 0
+        or not np.issubdtype(array.dtype, np.integer)
+        or int(array) < minimum
+    ):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def optional_integer(name: str, value: Any, *, minimum: int) -> None:
     if value is not None:
         integer(name, value, minimum=minimum)

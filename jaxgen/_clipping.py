@@ -66,7 +66,7 @@ def dynamic_clip(
     """
     _checks.positive("initial_norm", initial_norm)
     _checks.fraction("alpha", alpha)
-    _checks.integer("start_step", start_step, minimum=0)
+    _checks.count("start_step", start_step, minimum=0, static=False)
 
     def init_fn(params: PyTree) -> DynamicClipState:
         del params

@@ -101,7 +101,8 @@ def gmp(
       >>> updates, state = opt.update(grad_fn(params), state, params, grad_fn=grad_fn)
       >>> params = optax.apply_updates(params, updates)
     """
-    _checks.integer("num_samples", num_samples, minimum=1)
+    _checks.count("num_samples", num_samples, minimum=1, static=True)
+    num_samples = int(num_samples)
     _checks.non_negative("sigma", sigma)
     _checks.unit_interval("rho", rho)
     _checks.choice("mode", mode, MODES)

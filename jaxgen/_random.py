@@ -39,6 +39,12 @@ def as_key(key: Any, name: str = "key") -> jax.Array:
     """A typed PRNG key from an integer seed, a typed key or a raw ``uint32[2]`` key."""
     if isinstance(key, int) and not isinstance(key, bool):
         return jax.random.key(key)
+    if (  # an integer seed as a 0-d array (optax.inject_hyperparams makes numbers arrays)
+        isinstance(key, jax.Array | np.ndarray)
+        and key.ndim == 0
+        and jnp.issubdtype(key.dtype, jnp.integer)
+    ):
+        return jax.random.key(key)
     _checks.key(name, key)
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key

@@ -1,4 +1,4 @@
-"""Properties every jaxgen optax transform shares (gmp, amp, dynamic_clip)."""
+"""Properties every jaxgen optax transform shares (gmp, amp, dynamic_clip, dp_noise)."""
 
 import chex
 import jax
@@ -19,6 +19,36 @@ TRANSFORMS = {
     "gmp-sequential": lambda: jaxgen.gmp(num_samples=2, sigma=0.1, mode="sequential"),
     "amp": lambda: jaxgen.amp(epsilon=0.1, inner_lr=0.5, inner_steps=2),
     "dynamic_clip": lambda: jaxgen.dynamic_clip(initial_norm=1.0, alpha=0.5, start_step=1),
+    "dp_noise": lambda: jaxgen.dp_noise(1.0, max_norm=1.0, batch_size=4, key=2),
+}
+# The same transforms through optax.inject_hyperparams: (factory, arguments, static_args).
+INJECTED = {
+    "gmp": (jaxgen.gmp, {"num_samples": 2, "sigma": 0.1, "rho": 0.5, "key": 1}, ("num_samples",)),
+    "gmp-sequential": (
+        jaxgen.gmp, {"num_samples": 2, "sigma": 0.1, "mode": "sequential"}, ("num_samples",)
+    ),
+    "amp": (jaxgen.amp, {"epsilon": 0.1, "inner_lr": 0.5, "inner_steps": 2}, ()),
+    "dynamic_clip": (jaxgen.dynamic_clip, {"initial_norm": 1.0, "alpha": 0.5, "start_step": 1}, ()),
+    "dp_noise": (jaxgen.dp_noise, {"noise_multiplier": 1.0, "max_norm": 1.0, "batch_size": 4, "key": 2}, ()),
+}  # fmt: skip
+WRAPPERS = {  # name: transform name -> the optimizer, SGD after the (wrapped) transform
+    "plain": lambda name: optax.chain(TRANSFORMS[name](), optax.sgd(0.1)),
+    "inject_hyperparams": lambda name: optax.chain(
+        optax.inject_hyperparams(INJECTED[name][0], static_args=INJECTED[name][2])(
+            **INJECTED[name][1]
+        ),
+        optax.sgd(0.1),
+    ),
+    "apply_if_finite": lambda name: optax.chain(
+        optax.apply_if_finite(TRANSFORMS[name](), 3), optax.sgd(0.1)
+    ),
+    # MultiSteps wraps a whole optimizer (inside a chain, optax drops its extra arguments)
+    "MultiSteps": lambda name: optax.MultiSteps(
+        optax.chain(TRANSFORMS[name](), optax.sgd(0.1)), every_k_schedule=1
+    ),
+    "masked": lambda name: optax.chain(
+        optax.masked(TRANSFORMS[name](), {"w": True, "v": True}), optax.sgd(0.1)
+    ),
 }
 
 
@@ -130,3 +160,63 @@ def test_batch_grad_fn_drives_optax_sam_in_opaque_mode():
     ascent = optax.tree.scale(rho / optax.tree.norm(g), g)
     expected = optax.tree.add_scale(params, -lr, grad_fn(optax.tree.add(params, ascent)))
     chex.assert_trees_all_close(new_params, expected, rtol=1e-5)
+
+
+def _two_steps(optimizer, params, batch):
+    @jax.jit
+    def step(params, state):
+        grad_fn = jaxgen.batch_grad_fn(_loss, batch)
+        updates, state = optimizer.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    state = optimizer.init(params)
+    params, state = step(params, state)
+    return step(params, state)[0]
+
+
+@pytest.mark.parametrize("wrapper", [w for w in WRAPPERS if w != "plain"])
+@pytest.mark.parametrize("name", INJECTED)
+def test_inside_optax_wrappers_the_same_steps(name, wrapper):
+    """Each wrapper around each transform takes the steps of the bare transform (no
+    hyper-parameter schedule, nothing masked, every gradient finite, k = 1)."""
+    params, batch = _params(jnp.float32), _batch(jnp.float32)
+    want = _two_steps(WRAPPERS["plain"](name), params, batch)
+    got = _two_steps(WRAPPERS[wrapper](name), params, batch)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+
+
+def test_inject_hyperparams_as_a_user_would_and_with_a_schedule():
+    params, batch = _params(jnp.float32), _batch(jnp.float32)
+    grad_fn = jaxgen.batch_grad_fn(_loss, batch)
+    # Not jitted: every hyper-parameter is concrete, the defaults (key=0) included.
+    gmp = optax.inject_hyperparams(jaxgen.gmp)(sigma=0.03)
+    state = gmp.init(params)
+    updates, _ = gmp.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    chex.assert_trees_all_close(
+        updates,
+        jaxgen.gmp(sigma=0.03).update(grad_fn(params), state.inner_state, params, grad_fn=grad_fn)[
+            0
+        ],
+    )
+    # Jitted, k is traced: the message says what to do.
+    with pytest.raises(ValueError, match=r"static_args=\('num_samples',\)"):
+        jax.jit(lambda p, s: gmp.update(grad_fn(p), s, p, grad_fn=grad_fn))(params, state)
+    # A schedule on σ: the perturbation is 0 at step 0, so the update is the clean gradient.
+    scheduled = optax.inject_hyperparams(jaxgen.gmp, static_args="num_samples")(
+        sigma=optax.linear_schedule(0.0, 0.1, 10), rho=1.0
+    )
+    step = jax.jit(lambda p, s: scheduled.update(grad_fn(p), s, p, grad_fn=grad_fn))
+    updates, state = step(params, scheduled.init(params))
+    chex.assert_trees_all_close(updates, grad_fn(params), rtol=1e-6)
+    assert float(state.hyperparams["sigma"]) == 0.0
+
+
+def test_dp_noise_has_the_standard_deviation_sigma_c_over_b():
+    noise = jaxgen.dp_noise(2.0, max_norm=0.5, batch_size=4, key=0)
+    zeros = jnp.zeros(100_000)
+    draws, _ = noise.update(zeros, noise.init(zeros))
+    np.testing.assert_allclose(np.std(draws), 2.0 * 0.5 / 4, rtol=0.01)
+    with pytest.raises(ValueError, match="noise_multiplier must be"):
+        jaxgen.dp_noise(-1.0, max_norm=1.0, batch_size=4)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        jaxgen.dp_noise(1.0, max_norm=1.0, batch_size=0)
