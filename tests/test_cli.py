@@ -158,6 +158,8 @@ def test_demo_quick_writes_the_report_and_can_run_again(tmp_path):
     assert (tmp_path / "runs" / ".jaxgen-demo").is_file()
     assert "Best test accuracy against ERM at the same label noise:" in text
     assert (tmp_path / "runs" / "compare" / "sam" / "seed=1" / "result.json").is_file()
+    assert "Does clipping each example's gradient help under label noise?" in text
+    assert (tmp_path / "runs" / "compare" / "per-example-clip" / "seed=1").is_dir()
 
 
 def _exit_code(argv):

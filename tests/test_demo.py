@@ -41,9 +41,10 @@ def test_trend_sentence_counts_agreeing_steps():
     assert "does not follow" in opposite and "ρ = -1.00" in opposite
 
 
-def test_the_comparison_is_erm_gmp_clipping_and_sam_at_the_papers_settings():
+def test_the_comparison_is_erm_gmp_clipping_sam_and_per_example_clipping():
     entries = dict(demo.compared_methods(quick=False))
-    assert list(entries) == ["erm", "gmp", "dgc", "sam"]
+    assert list(entries) == ["erm", "gmp", "dgc", "sam", "per-example-clip"]
+    assert entries["per-example-clip"].quantile == demo.CLIP_QUANTILE
     assert entries["dgc"].start_epoch == 15 and entries["gmp"].samples == 3
     settings = demo.plan(quick=False)
     assert settings.seeds >= 3 and settings.comparison.label_noise > 0
@@ -55,3 +56,15 @@ def test_the_looseness_sentence_counts_each_run_once_and_gives_the_ratio_range()
     sentence = demo.looseness_sentence(runs)
     assert sentence.startswith("In 3 of 4 distinct runs; where the gap is positive the bound")
     assert "is 0.5× to 5× it" in sentence
+
+
+def test_the_clipping_sentence_reads_the_comparison():
+    from jaxgen.experiments.compare import Row
+
+    def row(method, best, std):
+        return Row(method, 0.2, 3, best, std, best - 1, std, 0.1, float("nan"), float("nan"))
+
+    sentence = demo.clipping_sentence([row("erm", 60.0, 0.5), row("per-example-clip", 64.0, 0.5)])
+    assert "Best test accuracy 64.0 ± 0.5 % against ERM's 60.0 ± 0.5 %" in sentence
+    assert "better beyond two standard errors" in sentence
+    assert demo.clipping_sentence([row("erm", 60.0, 0.5)]) == ""

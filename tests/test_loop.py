@@ -227,8 +227,13 @@ def test_a_conv_model_on_a_mocked_tfds_dataset(tmp_path):
 
 @pytest.mark.parametrize(
     "method",
-    [methods.GMP(samples=2), methods.DGC(start_epoch=1, initial_norm=1.0)],
-    ids=["gmp", "dgc"],
+    [
+        methods.GMP(samples=2),
+        methods.DGC(start_epoch=1, initial_norm=1.0),
+        methods.PerExampleClip(quantile=0.5),
+        methods.DPSGD(noise_multiplier=0.5),
+    ],
+    ids=["gmp", "dgc", "per-example-clip", "dp-sgd"],
 )
 def test_methods_change_the_run_and_resume_to_the_same_numbers(tmp_path, method, tiny_run):
     config = dataclasses.replace(TINY, epochs=2, method=method, checkpoint_every=3)

@@ -29,7 +29,9 @@ INJECTED = {
     ),
     "amp": (jaxgen.amp, {"epsilon": 0.1, "inner_lr": 0.5, "inner_steps": 2}, ()),
     "dynamic_clip": (jaxgen.dynamic_clip, {"initial_norm": 1.0, "alpha": 0.5, "start_step": 1}, ()),
-    "dp_noise": (jaxgen.dp_noise, {"noise_multiplier": 1.0, "max_norm": 1.0, "batch_size": 4, "key": 2}, ()),
+    "dp_noise": (
+        jaxgen.dp_noise, {"noise_multiplier": 1.0, "max_norm": 1.0, "batch_size": 4, "key": 2}, ()
+    ),
 }  # fmt: skip
 WRAPPERS = {  # name: transform name -> the optimizer, SGD after the (wrapped) transform
     "plain": lambda name: optax.chain(TRANSFORMS[name](), optax.sgd(0.1)),

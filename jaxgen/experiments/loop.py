@@ -252,9 +252,14 @@ def _assemble(
     )
     if model.per_example:
         every = "every step" if config.track_every == 1 else f"every {config.track_every} steps"
+        source = (
+            "from the clean minibatch gradient (the update uses the method's clipped one)"
+            if config.method.per_example
+            else "from the gradient the update uses"
+        )
         tracking = (
             f"V_t measured {every} by gradient_dispersion (method {config.dispersion_method}) "
-            "from the gradient the update uses"
+            + source
         )
     else:
         tracking = (
@@ -303,6 +308,11 @@ def _model(config: TrainConfig, dataset: data.Dataset) -> task.Trainable:
         raise ConfigError(
             f"method {config.method.name} needs a classifier; {config.model} is a regression "
             "model (Theorems 2 and 3)"
+        )
+    if spec.batchnorm and config.method.per_example:
+        raise ConfigError(
+            f"method {config.method.name} needs per-example gradients; {config.model} trains "
+            "with BatchNorm batch statistics, which give no per-example loss"
         )
     if spec.batchnorm and config.bounds:
         raise ConfigError(

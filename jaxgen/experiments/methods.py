@@ -6,7 +6,8 @@ its hooks, each the identity for ERM:
     batch'  = method.batch(params, batch, key, task)         # mixup, smoothing, adversarial
     loss_i  = method.loss(loss_fn)                           # the per-example loss
     stats   = gradient_dispersion(loss_i, params, batch')    # ḡ and V_t in one pass
-    grad    = method.post(stats.loss, stats.grad)            # flooding
+    grad    = method.gradient(loss_i, params, batch', ḡ, key) # per-example clipping, DP
+    grad    = method.post(stats.loss, grad)                  # flooding
     updates = optax.chain(method.transform(...), sgd)        # GMP, AMP, SAM, clipping
 
 plus ``model_dropout``, the dropout rate the model is built with. Hyper-parameters are
@@ -28,6 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxgen
 from jaxgen._gmp import MODES as GMP_MODES
+from jaxgen._privacy import ACCOUNTANT
+from jaxgen._random import gaussian_like
 from jaxgen._types import LossFn, PyTree
 from jaxgen.experiments import options
 from jaxgen.experiments.options import (
@@ -71,6 +74,7 @@ class Method:
     name: ClassVar[str]
     description: ClassVar[str]
     needs_classes: ClassVar[bool] = False  # soft labels: not for the regression models
+    per_example: ClassVar[bool] = False  # needs per-example losses: not for BatchNorm models
 
     def __post_init__(self):
         options.validate(self, prefix=f"{self.name}_")
@@ -93,6 +97,18 @@ class Method:
     def batch(self, params: PyTree, batch: PyTree, key: jax.Array, task: Task) -> PyTree:
         """The minibatch the step trains on (``key``: fresh for every step)."""
         return batch
+
+    def gradient(
+        self, loss_fn: LossFn, params: PyTree, batch: PyTree, grad: PyTree, key: jax.Array
+    ) -> PyTree:
+        """The gradient the step descends instead of the clean minibatch mean ``grad``
+        (per-example clipping, DP-SGD; ``key``: fresh for every step). ``V_t`` stays that
+        of ``grad``."""
+        return grad
+
+    def privacy(self, *, n: int, batch_size: int, steps: int) -> dict[str, Any] | None:
+        """The privacy a run spends (``result.json``'s ``privacy``), or ``None``."""
+        return None
 
     def post(self, loss: jax.Array, grad: PyTree) -> PyTree:
         """The gradient handed to the optimizer, from the minibatch loss and gradient."""
@@ -235,6 +251,85 @@ class DGC(Method):
             f"dynamic gradient clipping (α={self.alpha}, G₀={self.initial_norm}, "
             f"from epoch {self.start_epoch})"
         )
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PerExampleClip(Method):
+    """Per-example gradient clipping (``jaxgen.clipped_grad``), without noise."""
+
+    name = "per-example-clip"
+    description = (
+        "per-example clipping: the mean of c_i·g_i, c_i = min(1, C/‖g_i‖) "
+        "(jaxgen.clipped_grad); V_t is that of the clean minibatch gradient"
+    )
+    per_example = True
+    max_norm: float = options.option(1.0, "per-example clipping: C, the threshold", POSITIVE)
+    quantile: float = options.option(
+        0.0,
+        "per-example clipping: when > 0, C is this quantile of the batch's per-example "
+        "gradient norms instead of --per-example-clip-max-norm",
+        UNIT,
+    )
+
+    def gradient(self, loss_fn, params, batch, grad, key):
+        if self.quantile > 0:
+            return jaxgen.clipped_grad(loss_fn, params, batch, quantile=self.quantile).grad
+        return jaxgen.clipped_grad(loss_fn, params, batch, max_norm=self.max_norm).grad
+
+    def summary(self):
+        if self.quantile > 0:
+            return f"per-example clipping (C = the batch's {self.quantile:g}-quantile norm)"
+        return f"per-example clipping (C={self.max_norm})"
+
+
+# What dp_epsilon's number assumes, in result.json beside it.
+DP_SAMPLING = (
+    "epsilon is what Poisson sampling with rate q = b/n would give (each example in each "
+    "step independently, with probability q); this run drew fixed-size batches from a "
+    "shuffled epoch, which that guarantee does not cover and which can be less private "
+    "(Chua et al., ICML 2024)"
+)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DPSGD(Method):
+    """DP-SGD (Abadi et al., CCS 2016): per-example clipping, then Gaussian noise."""
+
+    name = "dp-sgd"
+    description = (
+        "DP-SGD: (1/b)(Σ_i c_i·g_i + N(0, σ²C²I)), c_i = min(1, C/‖g_i‖); privacy spent by "
+        "dp-accounting's RDP accountant; V_t is that of the clean minibatch gradient"
+    )
+    per_example = True
+    max_norm: float = options.option(1.0, "DP-SGD: C, the clipping threshold", POSITIVE)
+    noise_multiplier: float = options.option(
+        1.0, "DP-SGD: σ, the noise's standard deviation in units of C", NON_NEGATIVE
+    )
+    delta: float = options.option(1e-5, "DP-SGD: δ of the reported (ε, δ)", FRACTION)
+
+    def gradient(self, loss_fn, params, batch, grad, key):
+        clipped = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=self.max_norm).grad
+        size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        noise = gaussian_like(key, clipped, self.noise_multiplier * self.max_norm / size)
+        return optax.tree.add(clipped, noise)
+
+    def privacy(self, *, n, batch_size, steps):
+        rate = batch_size / n
+        return {
+            "epsilon": jaxgen.dp_epsilon(self.noise_multiplier, rate, steps, self.delta),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "max_norm": self.max_norm,
+            "sampling_rate": rate,
+            "steps": steps,
+            "accountant": ACCOUNTANT,
+            "sampling": DP_SAMPLING,
+        }
+
+    def summary(self):
+        return f"DP-SGD (C={self.max_norm}, σ={self.noise_multiplier}, δ={self.delta:g})"
 
 
 @register

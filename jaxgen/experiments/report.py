@@ -162,6 +162,14 @@ def result_table(result: Any):
     ):
         if getattr(result, name) is not None:
             rows.append((label, f"{getattr(result, name):.4f}"))
+    if result.privacy is not None:
+        spent = result.privacy
+        rows.append(
+            (
+                "privacy spent (Poisson sampling assumed, see result.json)",
+                f"ε = {spent['epsilon']:.3g} at δ = {spent['delta']:g}",
+            )
+        )
     for row in rows:
         table.add_row(*row)
     return table

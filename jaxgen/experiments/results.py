@@ -124,6 +124,7 @@ class RunResult:
     theorem2_bound: float | None = None  # linear model only
     theorem3_bound: float | None = None  # two-layer ReLU only
     final_active_fraction: float | None = None  # two-layer ReLU only
+    privacy: dict[str, Any] | None = None  # DP-SGD: ε, δ, σ, q, steps, accountant, sampling
     seconds: float = dataclasses.field(default=math.nan, compare=False)
     seconds_per_epoch: float = dataclasses.field(default=math.nan, compare=False)
     epochs: tuple[EpochMetrics, ...] = dataclasses.field(default=(), compare=False)
@@ -217,6 +218,7 @@ def summarize(
         ),
         seconds_per_epoch=float(np.mean(logs.epoch_seconds)) if logs.epoch_seconds else math.nan,
         epochs=tuple(logs.epochs),
+        privacy=config.method.privacy(n=n, batch_size=config.batch_size, steps=len(learning_rates)),
     )
     if estimates is None or not tracked:
         return result

@@ -5,7 +5,8 @@
     batch   = augment(batch, key_t)                           # crop/flip, on device
     batch   = method.batch(params, batch, key_t', task)       # mixup, smoothing, ...
     stats   = gradient_dispersion(method.loss(loss_fn), params, batch)   # loss, ḡ, V_t
-    grad    = method.post(stats.loss, stats.grad)
+    grad    = method.gradient(loss_i, params, batch, stats.grad, key_t'')  # clipping, DP
+    grad    = method.post(stats.loss, grad)
     updates = optimizer.update(grad, ..., grad_fn=∇L_B on the same batch)
 
 Tracking ``V_t`` costs no extra gradient pass: the update uses the same mean gradient.
@@ -101,6 +102,7 @@ def make_train_step(
         if active_fraction is not None:
             losses = jax.vmap(method_loss, in_axes=(None, 0))(params, batch)
             weighted = jnp.mean(active_fraction(params, batch["x"]) * losses)
+        grad = method.gradient(method_loss, params, batch, grad, _gradient_key(state))
         grad_fn = jaxgen.batch_grad_fn(method_loss, batch)  # for GMP, AMP, SAM
         state = _update(state, optimizer, method.post(loss, grad), grad_fn, state.model_state)
         return state, StepMetrics(loss, variance, weighted)
@@ -129,6 +131,15 @@ def _batch_statistics_step(model, optimizer, method, num_classes, augmentation):
         return state, StepMetrics(loss, nan, jnp.zeros((), loss.dtype))
 
     return train_step
+
+
+def _gradient_key(state: TrainState) -> jax.Array:
+    """The key of ``Method.gradient`` at this step (DP-SGD's noise): a stream of its own
+    beside the augmentation's and the batch hook's (``_prepare``)."""
+    return jax.random.fold_in(jax.random.fold_in(state.key, state.step), GRADIENT_STREAM)
+
+
+GRADIENT_STREAM = 3
 
 
 def _prepare(state: TrainState, batch, method, task, augmentation):
