@@ -27,6 +27,7 @@ docs: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/dispersion.py
+	$(BIN)/python benchmarks/clipping.py
 	$(BIN)/python benchmarks/gmp.py
 	$(BIN)/python benchmarks/tracking.py
 	$(BIN)/python benchmarks/methods.py --quick

@@ -52,6 +52,19 @@ def test_bound_writes_the_result_with_the_documented_keys(tmp_path, capsys):
     assert "Eq. 2 bound" in capsys.readouterr().out
 
 
+def test_dp_sgd_from_the_command_line_reports_the_privacy_spent(tmp_path, capsys):
+    argv = ["train", *TINY, "--method", "dp-sgd", "--dp-sgd-noise-multiplier", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    privacy = json.loads((tmp_path / "result.json").read_text())["privacy"]
+    assert privacy["steps"] == 3 and privacy["sampling_rate"] == 20 / 60
+    assert (
+        privacy["epsilon"]
+        == methods.DPSGD(noise_multiplier=2.0).privacy(n=60, batch_size=20, steps=3)["epsilon"]
+    )
+    out = capsys.readouterr().out
+    assert "privacy spent" in out and f"ε = {privacy['epsilon']:.3g}" in out
+
+
 def test_sweep_runs_each_value_and_draws_figure_1(tmp_path):
     assert cli.main(["sweep", *TINY, "--widths", "4,8", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "sweep.json").read_text())

@@ -14,9 +14,14 @@ import jaxgen
 
 
 def _assert_matches_vmap(loss_fn, params, batch, method="ghost"):
+    """The dispersion, and the clipped gradient with half the examples clipped."""
     oracle = jaxgen.gradient_dispersion(loss_fn, params, batch, method="vmap")
     ghost = jaxgen.gradient_dispersion(loss_fn, params, batch, method=method)
     chex.assert_trees_all_close(ghost, oracle, rtol=2e-4, atol=1e-6)
+    max_norm = float(np.median(np.sqrt(oracle.sq_norms))) * 1.001  # between two norms
+    clipped = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=max_norm, method=method)
+    reference = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=max_norm, method="vmap")
+    chex.assert_trees_all_close(clipped, reference, rtol=2e-4, atol=1e-6)
     return ghost
 
 
@@ -171,3 +176,38 @@ def test_in_example_chunks_equals_one_pass(size, chunk, iterations):
     jaxpr = str(jax.make_jaxpr(lambda x, y: in_example_chunks(fn, chunk, x, y))(x, y))
     assert (f"length={iterations}" in jaxpr) if iterations else (" scan[" not in jaxpr)
     np.testing.assert_allclose(in_example_chunks(fn, chunk, x, y), fn(x, y), rtol=1e-6)
+
+
+def test_mean_pooled_tokens_whose_output_gradients_are_one_broadcast_row():
+    """Under mean pooling every token of a dense layer gets the same ``δ``: XLA:CPU
+    (jaxlib 0.10.2) computed the Gram form's vmapped ``dm @ dm.T`` wrongly when it could
+    see the broadcast (``rules.opaque``). Without the barrier, the clipped gradient's
+    squared norms here were 12 000× off."""
+    keys = jax.random.split(jax.random.key(7), 2)
+    params = {"w": jax.random.normal(keys[0], (128, 128)) / 8, "head": jnp.ones((128, 3))}
+
+    def loss_fn(params, z):  # 32 tokens: the Gram form, 32 · (128 + 128) <= 128 · 128
+        pooled = jnp.mean(z["x"] @ params["w"], axis=0)  # δ: one row, broadcast
+        return -jax.nn.log_softmax(jnp.tanh(pooled) @ params["head"])[z["y"]]
+
+    batch = {"x": jax.random.normal(keys[1], (6, 32, 128)), "y": jnp.arange(6) % 3}
+    want = jaxgen.gradient_dispersion(loss_fn, params, batch, method="vmap").sq_norms
+    clipped = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=1e9, method="ghost")
+    np.testing.assert_allclose(clipped.sq_norms, want, rtol=1e-4)
+    stats = jaxgen.gradient_dispersion(loss_fn, params, batch, method="ghost")
+    np.testing.assert_allclose(stats.sq_norms, want, rtol=1e-4)
+
+
+def test_xla_computes_a_vmapped_gram_of_broadcast_rows_behind_the_barrier():
+    from jaxgen._ghost.rules import opaque
+
+    v = jax.random.normal(jax.random.key(0), (4, 128))
+
+    def gram_sums(v, barrier):  # the rows of each d are copies of v: 32² ‖v‖²
+        d = jnp.broadcast_to(v[:, None, :], (4, 32, 128))
+        if barrier:
+            (d,) = opaque(d)
+        return jax.vmap(lambda c: jnp.sum(c @ c.T))(d)
+
+    want = 32**2 * np.sum(np.asarray(v, np.float64) ** 2, axis=1)
+    np.testing.assert_allclose(jax.jit(gram_sums, static_argnums=1)(v, True), want, rtol=1e-5)

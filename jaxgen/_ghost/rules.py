@@ -123,6 +123,16 @@ def accumulator(*arrays: jax.Array) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
+def opaque(*arrays: jax.Array):
+    """The arrays, behind ``lax.optimization_barrier``: XLA:CPU (jaxlib 0.10.2) computes a
+    ``vmap``ped ``a @ a.T`` wrongly when it can see that the rows of ``a`` are one
+    broadcast row, which is what ``δ`` is under mean pooling (every token gets the same
+    output gradient; on the benchmark transformer block the squared norms came out 20×
+    too small, and ``tests/test_ghost.py`` has the four-line reproduction). The barrier
+    hides where the values came from."""
+    return jax.lax.optimization_barrier(arrays)
+
+
 def product_sq_norm(xm: jax.Array, dm: jax.Array) -> jax.Array:
     """``‖xmᵀ dm‖²`` for ``xm (T, K)``, ``dm (T, N)``, by the cheapest exact form."""
     dtype = accumulator(xm, dm)
@@ -131,6 +141,7 @@ def product_sq_norm(xm: jax.Array, dm: jax.Array) -> jax.Array:
     if rows == 1:
         return jnp.sum(jnp.square(xm)) * jnp.sum(jnp.square(dm))
     if rows * (k + n) <= k * n:
+        xm, dm = opaque(xm, dm)
         return jnp.sum((xm @ xm.T) * (dm @ dm.T))
     return jnp.sum(jnp.square(xm.T @ dm))
 
@@ -182,6 +193,7 @@ def embedding_sq_norm(use: Use, indices: jax.Array, delta: jax.Array) -> jax.Arr
         in_range = (keys >= 0) & (keys < vocabulary)
         rows = jnp.where(in_range[:, None], rows, 0)
     same = keys[:, None] == keys[None, :]
+    (rows,) = opaque(rows)
     return jnp.sum(jnp.where(same, rows @ rows.T, 0.0))
 
 
