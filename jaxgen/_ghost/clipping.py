@@ -23,6 +23,7 @@ Nothing of size ``b × P`` is formed beyond what ``gradient_dispersion`` forms.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from jaxgen._ghost import Program, _Backward, _backward, rule_grads, rule_sq_norms
 from jaxgen._ghost.interpreter import ParamOnly, Use, bind
 from jaxgen._ghost.materialise import materialise
-from jaxgen._ghost.rules import accumulator
+from jaxgen._ghost.rules import accumulator, dense_matrices, is_dense
 
 
 class Clipped(NamedTuple):
@@ -73,8 +74,15 @@ def ghost_clipped(
     factors = scales(layer_sq_norms)
     sums = [jnp.zeros_like(leaf) for leaf in leaves]
     for leaf, g in grads.items():
+        if g is None:
+            continue
         summed = jnp.tensordot(factors[leaf].astype(dtype), g.astype(dtype), axes=1)
         sums[leaf] = summed.reshape(leaves[leaf].shape).astype(leaves[leaf].dtype)
+    for leaf, u in plan.fast.items():
+        use = plan.uses[u]
+        if leaf not in grads and _direct_dense(use, leaves[leaf]):
+            sums[leaf] = _dense_sum(use, backward, u, factors[leaf], leaves[leaf])
+            grads[leaf] = None
     targets = sorted(leaf for leaf in plan.fast if leaf not in grads)
     if targets:
         weighted = _weighted_grads(program, backward, targets, factors)
@@ -132,3 +140,24 @@ def _outputs(use: Use, param_values, constants, example_values):
     for _ in use.loops:
         batched = jax.vmap(batched)
     return batched(param_values, constants, example_values)
+
+
+def _direct_dense(use: Use, leaf) -> bool:
+    """A dense use outside loops whose parameter operand is the leaf itself, on the right
+    of ``x @ W`` with ``W``'s contracted dimensions first: its clipped gradient is
+    ``Σ_i xm_iᵀ (c_i dm_i)`` reshaped (``rules.dense_matrices``' order)."""
+    if use.loops or not use.operand_is_leaf or not is_dense(use):
+        return False
+    (contract_lhs, contract_rhs), _ = use.eqn.params["dimension_numbers"]
+    if use.example_positions[0] != 0:
+        return False
+    return tuple(contract_rhs) == tuple(range(len(contract_rhs)))
+
+
+def _dense_sum(use: Use, backward: _Backward, u: int, factors, leaf):
+    (x,), (delta,) = backward.captured[u], backward.deltas[u]
+    xm, dm = jax.vmap(functools.partial(dense_matrices, use))(x, delta)
+    weighted = dm * factors.reshape(-1, 1, 1).astype(dm.dtype)
+    rows = xm.shape[0] * xm.shape[1]
+    summed = xm.reshape(rows, -1).T @ weighted.reshape(rows, -1)
+    return summed.reshape(leaf.shape).astype(leaf.dtype)
