@@ -255,85 +255,6 @@ class DGC(Method):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class PerExampleClip(Method):
-    """Per-example gradient clipping (``jaxgen.clipped_grad``), without noise."""
-
-    name = "per-example-clip"
-    description = (
-        "per-example clipping: the mean of c_i·g_i, c_i = min(1, C/‖g_i‖) "
-        "(jaxgen.clipped_grad); V_t is that of the clean minibatch gradient"
-    )
-    per_example = True
-    max_norm: float = options.option(1.0, "per-example clipping: C, the threshold", POSITIVE)
-    quantile: float = options.option(
-        0.0,
-        "per-example clipping: when > 0, C is this quantile of the batch's per-example "
-        "gradient norms instead of --per-example-clip-max-norm",
-        UNIT,
-    )
-
-    def gradient(self, loss_fn, params, batch, grad, key):
-        if self.quantile > 0:
-            return jaxgen.clipped_grad(loss_fn, params, batch, quantile=self.quantile).grad
-        return jaxgen.clipped_grad(loss_fn, params, batch, max_norm=self.max_norm).grad
-
-    def summary(self):
-        if self.quantile > 0:
-            return f"per-example clipping (C = the batch's {self.quantile:g}-quantile norm)"
-        return f"per-example clipping (C={self.max_norm})"
-
-
-# What dp_epsilon's number assumes, in result.json beside it.
-DP_SAMPLING = (
-    "epsilon is what Poisson sampling with rate q = b/n would give (each example in each "
-    "step independently, with probability q); this run drew fixed-size batches from a "
-    "shuffled epoch, which that guarantee does not cover and which can be less private "
-    "(Chua et al., ICML 2024)"
-)
-
-
-@register
-@dataclasses.dataclass(frozen=True)
-class DPSGD(Method):
-    """DP-SGD (Abadi et al., CCS 2016): per-example clipping, then Gaussian noise."""
-
-    name = "dp-sgd"
-    description = (
-        "DP-SGD: (1/b)(Σ_i c_i·g_i + N(0, σ²C²I)), c_i = min(1, C/‖g_i‖); privacy spent by "
-        "dp-accounting's RDP accountant; V_t is that of the clean minibatch gradient"
-    )
-    per_example = True
-    max_norm: float = options.option(1.0, "DP-SGD: C, the clipping threshold", POSITIVE)
-    noise_multiplier: float = options.option(
-        1.0, "DP-SGD: σ, the noise's standard deviation in units of C", NON_NEGATIVE
-    )
-    delta: float = options.option(1e-5, "DP-SGD: δ of the reported (ε, δ)", FRACTION)
-
-    def gradient(self, loss_fn, params, batch, grad, key):
-        clipped = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=self.max_norm).grad
-        size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        noise = gaussian_like(key, clipped, self.noise_multiplier * self.max_norm / size)
-        return optax.tree.add(clipped, noise)
-
-    def privacy(self, *, n, batch_size, steps):
-        rate = batch_size / n
-        return {
-            "epsilon": jaxgen.dp_epsilon(self.noise_multiplier, rate, steps, self.delta),
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "max_norm": self.max_norm,
-            "sampling_rate": rate,
-            "steps": steps,
-            "accountant": ACCOUNTANT,
-            "sampling": DP_SAMPLING,
-        }
-
-    def summary(self):
-        return f"DP-SGD (C={self.max_norm}, σ={self.noise_multiplier}, δ={self.delta:g})"
-
-
-@register
-@dataclasses.dataclass(frozen=True)
 class Dropout(Method):
     """Dropout before the model's last layer(s) (``models.py`` says where)."""
 
@@ -445,6 +366,85 @@ class Adversarial(Method):
 
     def summary(self):
         return f"adversarial training (one L∞ step, ε={self.epsilon:.4g})"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PerExampleClip(Method):
+    """Per-example gradient clipping (``jaxgen.clipped_grad``), without noise."""
+
+    name = "per-example-clip"
+    description = (
+        "per-example clipping: the mean of c_i·g_i, c_i = min(1, C/‖g_i‖) "
+        "(jaxgen.clipped_grad); V_t is that of the clean minibatch gradient"
+    )
+    per_example = True
+    max_norm: float = options.option(1.0, "per-example clipping: C, the threshold", POSITIVE)
+    quantile: float = options.option(
+        0.0,
+        "per-example clipping: when > 0, C is this quantile of the batch's per-example "
+        "gradient norms instead of --per-example-clip-max-norm",
+        UNIT,
+    )
+
+    def gradient(self, loss_fn, params, batch, grad, key):
+        if self.quantile > 0:
+            return jaxgen.clipped_grad(loss_fn, params, batch, quantile=self.quantile).grad
+        return jaxgen.clipped_grad(loss_fn, params, batch, max_norm=self.max_norm).grad
+
+    def summary(self):
+        if self.quantile > 0:
+            return f"per-example clipping (C = the batch's {self.quantile:g}-quantile norm)"
+        return f"per-example clipping (C={self.max_norm})"
+
+
+# What dp_epsilon's number assumes, in result.json beside it.
+DP_SAMPLING = (
+    "epsilon is what Poisson sampling with rate q = b/n would give (each example in each "
+    "step independently, with probability q); this run drew fixed-size batches from a "
+    "shuffled epoch, which that guarantee does not cover and which can be less private "
+    "(Chua et al., ICML 2024)"
+)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DPSGD(Method):
+    """DP-SGD (Abadi et al., CCS 2016): per-example clipping, then Gaussian noise."""
+
+    name = "dp-sgd"
+    description = (
+        "DP-SGD: (1/b)(Σ_i c_i·g_i + N(0, σ²C²I)), c_i = min(1, C/‖g_i‖); privacy spent by "
+        "dp-accounting's RDP accountant; V_t is that of the clean minibatch gradient"
+    )
+    per_example = True
+    max_norm: float = options.option(1.0, "DP-SGD: C, the clipping threshold", POSITIVE)
+    noise_multiplier: float = options.option(
+        1.0, "DP-SGD: σ, the noise's standard deviation in units of C", NON_NEGATIVE
+    )
+    delta: float = options.option(1e-5, "DP-SGD: δ of the reported (ε, δ)", FRACTION)
+
+    def gradient(self, loss_fn, params, batch, grad, key):
+        clipped = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=self.max_norm).grad
+        size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        noise = gaussian_like(key, clipped, self.noise_multiplier * self.max_norm / size)
+        return optax.tree.add(clipped, noise)
+
+    def privacy(self, *, n, batch_size, steps):
+        rate = batch_size / n
+        return {
+            "epsilon": jaxgen.dp_epsilon(self.noise_multiplier, rate, steps, self.delta),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "max_norm": self.max_norm,
+            "sampling_rate": rate,
+            "steps": steps,
+            "accountant": ACCOUNTANT,
+            "sampling": DP_SAMPLING,
+        }
+
+    def summary(self):
+        return f"DP-SGD (C={self.max_norm}, σ={self.noise_multiplier}, δ={self.delta:g})"
 
 
 def optimizer(
