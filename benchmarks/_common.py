@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -417,3 +418,54 @@ def torch_model(name: str):
         layers += [nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2)]
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 8 * 32, 10)), (3, 32, 32)
     return None, None
+
+
+def torch_twin(name, params, batch):
+    """``(model, x, y)``: the PyTorch twin of ``name`` holding ``params`` and ``batch``
+    (layouts converted: Linear weights transposed, HWIO kernels to OIHW, NHWC inputs to
+    NCHW, the dense layer's rows reordered from JAX's HWC flattening to PyTorch's CHW)."""
+    import torch
+
+    model, shape = torch_model(name)
+    if model is None:
+        return None
+    size = batch["y"].shape[0]
+    model, _, _, device = torch_on_device(model, shape, size)
+
+    def tensor(a):
+        return torch.tensor(np.asarray(a), device=device)
+
+    with torch.no_grad():
+        if name.startswith("MLP"):
+            linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+            for layer, p in zip(linears, params, strict=True):
+                layer.weight.copy_(tensor(p["w"]).T)
+                layer.bias.copy_(tensor(p["b"]))
+            x = tensor(batch["x"])
+        else:
+            conv1, conv2, dense = (m for m in model if hasattr(m, "weight"))
+            conv1.weight.copy_(tensor(params["conv1"]).permute(3, 2, 0, 1))
+            conv1.bias.copy_(tensor(params["b1"]))
+            conv2.weight.copy_(tensor(params["conv2"]).permute(3, 2, 0, 1))
+            conv2.bias.copy_(tensor(params["b2"]))
+            rows = np.asarray(params["dense"]).reshape(8, 8, 32, 10).transpose(2, 0, 1, 3)
+            dense.weight.copy_(tensor(rows.reshape(2048, 10)).T)
+            dense.bias.copy_(tensor(params["b3"]))
+            x = tensor(batch["x"]).permute(0, 3, 1, 2).contiguous()
+    return model, x, tensor(batch["y"]).long(), device
+
+
+def as_jax_layout(name, grads: dict):
+    """PyTorch's gradients (``named_parameters`` order) in the layout of ``params``."""
+    g = [t.detach().cpu().numpy() for t in grads]
+    if name.startswith("MLP"):
+        return [{"w": w.T, "b": b} for w, b in zip(g[::2], g[1::2], strict=True)]
+    dense = g[4].T.reshape(32, 8, 8, 10).transpose(1, 2, 0, 3).reshape(2048, 10)
+    return {
+        "conv1": g[0].transpose(2, 3, 1, 0),
+        "b1": g[1],
+        "conv2": g[2].transpose(2, 3, 1, 0),
+        "b2": g[3],
+        "dense": dense,
+        "b3": g[5],
+    }

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _common import (
+    as_jax_layout,
     cnn,
     first_call_seconds,
     interleaved_medians,
@@ -39,7 +40,7 @@ from _common import (
     save,
     scanned_stack,
     torch_model,
-    torch_on_device,
+    torch_twin,
     transformer,
 )
 
@@ -89,57 +90,6 @@ def _relative_difference(got, want) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
-def _torch_twin(name, params, batch):
-    """``(model, x, y)``: the PyTorch twin of ``name`` holding ``params`` and ``batch``
-    (layouts converted: Linear weights transposed, HWIO kernels to OIHW, NHWC inputs to
-    NCHW, the dense layer's rows reordered from JAX's HWC flattening to PyTorch's CHW)."""
-    import torch
-
-    model, shape = torch_model(name)
-    if model is None:
-        return None
-    size = batch["y"].shape[0]
-    model, _, _, device = torch_on_device(model, shape, size)
-
-    def tensor(a):
-        return torch.tensor(np.asarray(a), device=device)
-
-    with torch.no_grad():
-        if name.startswith("MLP"):
-            linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-            for layer, p in zip(linears, params, strict=True):
-                layer.weight.copy_(tensor(p["w"]).T)
-                layer.bias.copy_(tensor(p["b"]))
-            x = tensor(batch["x"])
-        else:
-            conv1, conv2, dense = (m for m in model if hasattr(m, "weight"))
-            conv1.weight.copy_(tensor(params["conv1"]).permute(3, 2, 0, 1))
-            conv1.bias.copy_(tensor(params["b1"]))
-            conv2.weight.copy_(tensor(params["conv2"]).permute(3, 2, 0, 1))
-            conv2.bias.copy_(tensor(params["b2"]))
-            rows = np.asarray(params["dense"]).reshape(8, 8, 32, 10).transpose(2, 0, 1, 3)
-            dense.weight.copy_(tensor(rows.reshape(2048, 10)).T)
-            dense.bias.copy_(tensor(params["b3"]))
-            x = tensor(batch["x"]).permute(0, 3, 1, 2).contiguous()
-    return model, x, tensor(batch["y"]).long(), device
-
-
-def _as_jax_layout(name, grads: dict):
-    """PyTorch's gradients (``named_parameters`` order) in the layout of ``params``."""
-    g = [t.detach().cpu().numpy() for t in grads]
-    if name.startswith("MLP"):
-        return [{"w": w.T, "b": b} for w, b in zip(g[::2], g[1::2], strict=True)]
-    dense = g[4].T.reshape(32, 8, 8, 10).transpose(1, 2, 0, 3).reshape(2048, 10)
-    return {
-        "conv1": g[0].transpose(2, 3, 1, 0),
-        "b1": g[1],
-        "conv2": g[2].transpose(2, 3, 1, 0),
-        "b2": g[3],
-        "dense": dense,
-        "b3": g[5],
-    }
-
-
 def _opacus_rows(name, params, batch, max_norm, reference, repeats):
     """(label, seconds, relative difference) rows: PyTorch's plain backward, then Opacus's
     ghost clipping; [] when unavailable."""
@@ -151,7 +101,7 @@ def _opacus_rows(name, params, batch, max_norm, reference, repeats):
     except ImportError:
         print("  (Opacus not installed: pip install opacus to time it)")
         return []
-    twin = _torch_twin(name, params, batch)
+    twin = torch_twin(name, params, batch)
     if twin is None:
         return []
     model, x, y, _ = twin
@@ -186,7 +136,7 @@ def _opacus_rows(name, params, batch, max_norm, reference, repeats):
     opacus_ghost()
     # After its second backward, .grad holds Σ_i c_i g_i: the mean divides by b.
     clipped = [p.grad / size for p in ghost.parameters()]
-    difference = _relative_difference(_as_jax_layout(name, clipped), reference)
+    difference = _relative_difference(as_jax_layout(name, clipped), reference)
     calls = {"PyTorch plain backward": (plain, ()), "Opacus ghost clipping": (opacus_ghost, ())}
     medians = interleaved_medians(calls, repeats=repeats)
     return [

@@ -78,7 +78,7 @@ html_show_sourcelink = False
 
 
 # Every public name must appear in the API reference, with a docstring.
-PUBLIC_MODULES = ("jaxgen", "jaxgen.bounds", "jaxgen.nnx")
+PUBLIC_MODULES = ("jaxgen", "jaxgen.bounds", "jaxgen.noise", "jaxgen.nnx")
 
 
 def public_names():

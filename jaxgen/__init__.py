@@ -8,17 +8,26 @@ Information-Theoretic Bounds and Implications* (ICLR 2022).
 import importlib as _importlib
 from importlib import metadata as _metadata
 
-from jaxgen import bounds
+from jaxgen import bounds, noise
 from jaxgen._amp import AMPState, amp
 from jaxgen._clipped import ClippedGrad, clipped_grad
 from jaxgen._clipping import DynamicClipState, dynamic_clip
+from jaxgen._curvature import HessianDiagonal, hessian_diagonal
 from jaxgen._flatness import MonteCarloEstimate, flatness_term, gradient_sensitivity
 from jaxgen._gmp import GMPState, gmp
 from jaxgen._grad_fn import batch_grad_fn
 from jaxgen._hessian import TraceEstimate, hessian_trace
+from jaxgen._moments import GradientMoments, gradient_moments
 from jaxgen._per_example import DispersionStats, gradient_dispersion, per_example_grads
 from jaxgen._privacy import DPNoiseState, clipped_grad_fn, dp_epsilon, dp_noise
 from jaxgen._sharding import make_mesh, replicate, shard_batch
+from jaxgen._spectrum import (
+    EigenEstimate,
+    Spectrum,
+    hessian_eigenvalues,
+    hessian_spectrum,
+    spectral_density,
+)
 
 try:
     __version__ = _metadata.version("jaxgen")
@@ -38,8 +47,12 @@ __all__ = [
     "DPNoiseState",
     "DispersionStats",
     "DynamicClipState",
+    "EigenEstimate",
     "GMPState",
+    "GradientMoments",
+    "HessianDiagonal",
     "MonteCarloEstimate",
+    "Spectrum",
     "TraceEstimate",
     "amp",
     "batch_grad_fn",
@@ -50,13 +63,19 @@ __all__ = [
     "dp_noise",
     "dynamic_clip",
     "flatness_term",
-    "gradient_dispersion",
     "gmp",
+    "gradient_dispersion",
+    "gradient_moments",
     "gradient_sensitivity",
+    "hessian_diagonal",
+    "hessian_eigenvalues",
+    "hessian_spectrum",
     "hessian_trace",
     "make_mesh",
     "nnx",
+    "noise",
     "per_example_grads",
     "replicate",
     "shard_batch",
+    "spectral_density",
 ]

@@ -31,8 +31,9 @@ def test_the_site_builds_with_warnings_as_errors(site):
 
 
 def _public_names():
-    names = [f"jaxgen.{n}" for n in jaxgen.__all__ if n not in ("bounds", "nnx")]
+    names = [f"jaxgen.{n}" for n in jaxgen.__all__ if n not in ("bounds", "noise", "nnx")]
     names += [f"jaxgen.bounds.{n}" for n in bounds.__all__]
+    names += [f"jaxgen.noise.{n}" for n in jaxgen.noise.__all__]
     names += [f"jaxgen.nnx.{n}" for n in jaxgen.nnx.__all__]
     return names
 

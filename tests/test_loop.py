@@ -245,3 +245,56 @@ def test_methods_change_the_run_and_resume_to_the_same_numbers(tmp_path, method,
     assert resumed == dataclasses.replace(reference, seconds=resumed.seconds)
     plain, _ = tiny_run  # the same run under ERM
     assert plain.train_loss != reference.train_loss
+
+
+class _Final(Callback):
+    def on_trained(self, state):
+        self.params = state.params
+
+
+def test_instruments_are_measured_on_their_subset_and_resume_to_the_same_numbers(tmp_path):
+    from jaxgen.experiments import instruments, rng
+
+    config = dataclasses.replace(
+        TINY,
+        epochs=3,
+        bounds=False,
+        instruments="hessian-max,spectrum,gsnr,noise-scale,inner-product-test,tic",
+        instruments_every=2,
+        instruments_examples=32,
+    )
+    final = _Final()
+    reference = loop.run(config, tmp_path / "straight", callbacks=[final])
+    rows = (tmp_path / "straight" / "instruments.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["epoch", "hessian_max", "hessian_max_residual"]
+    assert [row.split(",")[0] for row in rows[1:]] == ["2", "3"]  # every 2 epochs, and the last
+    assert set(np.load(tmp_path / "straight" / "instruments.npz")) == {
+        "epochs", "spectrum_nodes", "spectrum_weights"
+    }  # fmt: skip
+    # the last row, recomputed from the final weights on the same examples and keys
+    dataset = loop.prepare_data(config)
+    tracked = instruments.Instruments(config, dataset, _tiny_loss(config, dataset), None)
+    key = rng.key(config.seed, rng.Stream.INSTRUMENTS, 2, 0)
+    top = jaxgen.hessian_eigenvalues(
+        tracked.loss_fn, final.params, tracked.batch, key=key, num_iterations=20
+    )
+    assert reference.instruments["hessian_max"] == pytest.approx(float(top.values[0]), rel=1e-5)
+    stats = jaxgen.gradient_dispersion(tracked.loss_fn, final.params, tracked.batch)
+    assert reference.instruments["noise_scale"] == pytest.approx(
+        float(jaxgen.noise.noise_scale(stats)), rel=1e-5
+    )
+    with pytest.raises(_Interrupt):
+        loop.run(config, tmp_path / "resumed", callbacks=[_StopAfterFirstEpoch()])
+    resumed = loop.run(config, tmp_path / "resumed", resume=True)
+    assert resumed == dataclasses.replace(reference, seconds=resumed.seconds)
+    assert resumed.instruments == reference.instruments
+    assert (tmp_path / "resumed" / "instruments.csv").read_text() == "\n".join(rows) + "\n"
+    with pytest.raises(ConfigError, match="instruments must be among hessian-max"):
+        dataclasses.replace(config, instruments="hessian-max,curvature")
+
+
+def _tiny_loss(config, dataset):
+    spec = models.build(
+        config.model, dataset.x_train.shape[1:], dataset.num_classes, config.width, seed=config.seed
+    )
+    return task.trainable(config.model, spec).loss_fn

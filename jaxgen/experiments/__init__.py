@@ -10,6 +10,7 @@ step       TrainState, StepMetrics, the one training step, the evaluator
 loop       run(config, out): the story of a run
 placement  where a run's arrays live: one device, or a mesh of devices and processes
 estimates  what a run measures besides training (Tr H, flatness, ‖H_z‖_F²)
+instruments  curvature and gradient-noise instruments every few epochs (--instruments)
 results    StepLogs → RunResult (every bound) → result.json, metrics.csv, steps.npz
 checkpoint orbax checkpoints and resuming
 interrupts SIGINT and SIGTERM read at safe points; the phases of a run, for fault tests

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxgen.experiments import data, methods, models
+from jaxgen.experiments.instruments import INSTRUMENTS
+from jaxgen.experiments.instruments import parse as parse_instruments
 from jaxgen.experiments.options import (
     ANY_INT,
     FLAG,
@@ -107,9 +109,24 @@ class TrainConfig:
         one_of(HESSIAN_METHODS),
     )
     flatness_samples: int = option(32, "Monte Carlo samples of the flatness term", POSITIVE_INT)
+    # Instruments.
+    instruments: str = option(
+        "",
+        "comma-separated curvature and gradient-noise instruments measured during training "
+        f"({', '.join(INSTRUMENTS)}; jaxgen.experiments.instruments)",
+        TEXT,
+    )
+    instruments_every: int = option(1, "measure the instruments every E epochs", POSITIVE_INT)
+    instruments_examples: int = option(
+        256, "training examples (a fixed subset) the instruments are measured on", POSITIVE_INT
+    )
 
     def __post_init__(self):
         validate(self)
+        try:
+            parse_instruments(self.instruments)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.hessian_method == "hutch++" and self.hessian_probes < 3:
             raise ConfigError(
                 f"hessian_probes must be >= 3 with hessian_method hutch++, "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgen.experiments import compare, loop, methods, report
+from jaxgen.experiments import compare, loop, methods, report, results
 from jaxgen.experiments.config import TrainConfig
 from jaxgen.experiments.errors import ConfigError
 from jaxgen.experiments.results import EpochMetrics, RunResult
@@ -55,7 +55,7 @@ def plan(quick: bool) -> DemoPlan:
             base,
             32,
             0.0,
-            dataclasses.replace(base, epochs=4, width=32, label_noise=0.2),
+            dataclasses.replace(base, epochs=4, width=32, label_noise=0.2, **DYNAMICS_INSTRUMENTS),
             dataclasses.replace(compared, method=methods.ERM()),
             2,
         )
@@ -68,12 +68,17 @@ def plan(quick: bool) -> DemoPlan:
         R=R,
         checkpoint_every=62 * 50,
     )
-    dynamics = dataclasses.replace(base, epochs=300, width=512, label_noise=0.2)
+    dynamics = dataclasses.replace(
+        base, epochs=300, width=512, label_noise=0.2, **DYNAMICS_INSTRUMENTS, instruments_every=10
+    )
     compared = dataclasses.replace(base, epochs=40, width=512, label_noise=0.2, bounds=False)
     return DemoPlan(
         (32, 128, 512, 2048), (0.0, 0.2, 0.4, 0.6), base, 512, 0.0, dynamics, compared, 3
     )
 
+
+# The Figure 2 run also measures the Hessian's top eigenvalue and the mean GSNR.
+DYNAMICS_INSTRUMENTS = {"instruments": "hessian-max,gsnr", "instruments_examples": 256}
 
 # Per-example clipping in the comparison: at the batch's 0.8-quantile norm, i.e. the
 # fifth of each batch with the largest gradients is clipped, where a label noise of 0.2
@@ -157,11 +162,10 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
         xlabel="label noise",
         title="MLP on MNIST-1D: label noise",
     )
-    report.dispersion_figure(
-        epochs,
-        out / "figure2.png",
-        title=f"MLP 40-{settings.dynamics.width}-10, label noise {settings.dynamics.label_noise}",
-    )
+    title = f"MLP 40-{settings.dynamics.width}-10, label noise {settings.dynamics.label_noise}"
+    report.dispersion_figure(epochs, out / "figure2.png", title=title)
+    curvature = results.read_instruments(out / "runs" / "dynamics")
+    report.instruments_figure(curvature, out / "figure2_instruments.png", title=title)
     text = _report(
         settings,
         width_runs,
@@ -170,6 +174,7 @@ def run(out: Path, *, quick: bool = False, console=None) -> Path:
         epochs,
         rows,
         time.perf_counter() - started,
+        curvature,
     )
     path = report.write_text_atomic(out / "report.md", text)
     say(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
@@ -300,7 +305,34 @@ def clipping_sentence(rows) -> str:
     )
 
 
-def _report(settings: DemoPlan, width_runs, noise_runs, runs, epochs, rows, seconds) -> str:
+def instruments_sentence(rows, epochs) -> str:
+    """What the top eigenvalue and the mean GSNR did over the Figure 2 run, beside the
+    dispersion's peak (the memorisation phase, ``double_descent``)."""
+    if not rows:
+        return "The instruments were not measured."
+    measured = [int(row["epoch"]) for row in rows]
+
+    def course(name, label):
+        values = [row[name] for row in rows]
+        high, low = int(np.argmax(values)), int(np.argmin(values))
+        return (
+            f"{label} goes from {values[0]:.3g} (epoch {measured[0]}) to {values[-1]:.3g} "
+            f"(epoch {measured[-1]}), highest {values[high]:.3g} at epoch {measured[high]} and "
+            f"lowest {values[low]:.3g} at epoch {measured[low]}"
+        )
+
+    dispersion = np.asarray([row.dispersion for row in epochs], np.float64)
+    peak = int(np.nanargmax(dispersion)) + 1 if dispersion.size else 0
+    return (
+        f"Measured every {measured[1] - measured[0] if len(measured) > 1 else 1} epochs on "
+        f"256 training examples: {course('hessian_max', 'the top eigenvalue of H')}; "
+        f"{course('gsnr', 'the mean GSNR')}. The dispersion peaks at epoch {peak}."
+    )
+
+
+def _report(
+    settings: DemoPlan, width_runs, noise_runs, runs, epochs, rows, seconds, curvature
+) -> str:
     """``runs``: every distinct run of the sweeps, each once; ``rows``: the comparison."""
     base = settings.sweep
     _, descent = double_descent(epochs)
@@ -333,6 +365,13 @@ def _report(settings: DemoPlan, width_runs, noise_runs, runs, epochs, rows, seco
         "## Figure 2: gradient dispersion per epoch",
         "",
         "![dispersion](figure2.png)",
+        "",
+        "The same run's top Hessian eigenvalue (Lanczos) and mean gradient signal-to-noise "
+        "ratio (Liu et al., ICLR 2020), `runs/dynamics/instruments.csv`:",
+        "",
+        "![instruments](figure2_instruments.png)",
+        "",
+        instruments_sentence(curvature, epochs),
         "",
         "## The paper's claims, checked on these runs",
         "",

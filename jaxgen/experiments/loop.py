@@ -29,7 +29,17 @@ from jax.sharding import Mesh
 
 import jaxgen
 from jaxgen._sharding import to_host
-from jaxgen.experiments import augment, data, interrupts, methods, models, results, rng, task
+from jaxgen.experiments import (
+    augment,
+    data,
+    instruments,
+    interrupts,
+    methods,
+    models,
+    results,
+    rng,
+    task,
+)
 from jaxgen.experiments.callbacks import Callback
 from jaxgen.experiments.checkpoint import Checkpoints
 from jaxgen.experiments.config import TrainConfig
@@ -160,6 +170,8 @@ def _train(config, parts, place, dataset, state, logs, checkpoints, callbacks) -
                 variances = logs.variances[-steps_per_epoch:]
                 row = _evaluate(parts.evaluator, state, dataset, variances, segment.epoch, config)
                 logs.epochs.append(row)
+                if parts.instruments is not None and instruments.due(config, segment.epoch):
+                    logs.instruments.append(parts.instruments.measure(state.params, segment.epoch))
                 logs.epoch_seconds.append(time.perf_counter() - epoch_started)
                 if parts.estimates is not None:
                     frobenius = parts.estimates.hessian_frobenius_sq(state.params, row.epoch)
@@ -208,6 +220,7 @@ class _Parts(NamedTuple):
     evaluator: Evaluator
     estimates: Estimates | None  # None without bounds
     tracking: str  # whether and how V_t is measured, for result.json
+    instruments: instruments.Instruments | None  # None without --instruments
 
 
 def _assemble(
@@ -269,12 +282,16 @@ def _assemble(
     estimates = None
     if config.bounds:
         estimates = Estimates(config, dataset, model.loss_fn, active_fraction, mesh)
+    tracked = None
+    if config.instruments:
+        tracked = instruments.Instruments(config, dataset, model.loss_fn, mesh)
     return _Parts(
         state,
         make_segment(train_step, scan=not spec.convolutional),
         Evaluator(model.predict, model.pointwise, task.correct),
         estimates,
         tracking,
+        tracked,
     )
 
 
@@ -313,6 +330,11 @@ def _model(config: TrainConfig, dataset: data.Dataset) -> task.Trainable:
         raise ConfigError(
             f"method {config.method.name} needs per-example gradients; {config.model} trains "
             "with BatchNorm batch statistics, which give no per-example loss"
+        )
+    if spec.batchnorm and config.instruments:
+        raise ConfigError(
+            f"instruments need per-example losses; {config.model} trains with BatchNorm "
+            "batch statistics, which give none"
         )
     if spec.batchnorm and config.bounds:
         raise ConfigError(

@@ -101,6 +101,37 @@ def dispersion_figure(epochs: Sequence[Any], path, *, title: str = "") -> Path:
     return _save(figure, path)
 
 
+INSTRUMENT_LABELS = {
+    "hessian_max": "top eigenvalue of H",
+    "hessian_min": "smallest eigenvalue of H",
+    "trace_per_parameter": "Tr H / P (SLQ)",
+    "trace_sq_per_parameter": "Tr H² / P (SLQ)",
+    "gsnr": "mean GSNR",
+    "noise_scale": "noise scale B_simple",
+    "norm_test": "norm test θ",
+    "inner_product_test": "inner-product test θ",
+    "tic": "TIC (diagonal)",
+}
+
+
+def instruments_figure(rows: Sequence[dict], path, *, title: str = "") -> Path:
+    """One panel per measured instrument (``instruments.csv``'s columns) over epochs."""
+    names = [name for name in INSTRUMENT_LABELS if name in rows[0]]
+    columns = min(4, len(names))
+    lines = -(-len(names) // columns)
+    figure = _figure(figsize=(3.2 * columns, 2.6 * lines + 0.4), layout="constrained")
+    axes = figure.subplots(lines, columns, squeeze=False).reshape(-1)
+    epochs = [row["epoch"] for row in rows]
+    for axis, name in zip(axes, names, strict=False):
+        axis.plot(epochs, [row[name] for row in rows], "o-", markersize=3)
+        axis.set_xlabel("epoch")
+        axis.set_title(INSTRUMENT_LABELS[name], fontsize=9)
+    for axis in axes[len(names) :]:
+        axis.set_visible(False)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
 def sweep_figure(
     values: Sequence[float],
     results: Sequence[Any],
@@ -162,6 +193,10 @@ def result_table(result: Any):
     ):
         if getattr(result, name) is not None:
             rows.append((label, f"{getattr(result, name):.4f}"))
+    for name, value in (result.instruments or {}).items():
+        if name in INSTRUMENT_LABELS:
+            epoch = result.instruments["epoch"]
+            rows.append((f"{INSTRUMENT_LABELS[name]} (epoch {epoch})", f"{value:.4g}"))
     if result.privacy is not None:
         spent = result.privacy
         rows.append(

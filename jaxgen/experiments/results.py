@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import bounds
-from jaxgen.experiments import report
+from jaxgen.experiments import instruments, report
 
 NEU2021_SENSITIVITY = (
     "second order: Ψ_t = 2(t−1)σ*² E‖H_z‖_F², E‖H_z‖_F² by "
@@ -52,6 +52,7 @@ class StepLogs:
     frobenius: list[float] = dataclasses.field(default_factory=list)  # per epoch start
     epochs: list[EpochMetrics] = dataclasses.field(default_factory=list)
     epoch_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time each
+    instruments: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # measured
 
     def extend(self, metrics) -> None:
         """Append a segment's ``StepMetrics`` (arrays over its steps)."""
@@ -64,6 +65,7 @@ class StepLogs:
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> StepLogs:
+        values = {"instruments": []} | values  # checkpoints from before the instruments
         return cls(**values | {"epochs": [EpochMetrics(**row) for row in values["epochs"]]})
 
 
@@ -125,6 +127,7 @@ class RunResult:
     theorem3_bound: float | None = None  # two-layer ReLU only
     final_active_fraction: float | None = None  # two-layer ReLU only
     privacy: dict[str, Any] | None = None  # DP-SGD: ε, δ, σ, q, steps, accountant, sampling
+    instruments: dict[str, Any] | None = None  # the last measurement of each instrument
     seconds: float = dataclasses.field(default=math.nan, compare=False)
     seconds_per_epoch: float = dataclasses.field(default=math.nan, compare=False)
     epochs: tuple[EpochMetrics, ...] = dataclasses.field(default=(), compare=False)
@@ -219,6 +222,7 @@ def summarize(
         seconds_per_epoch=float(np.mean(logs.epoch_seconds)) if logs.epoch_seconds else math.nan,
         epochs=tuple(logs.epochs),
         privacy=config.method.privacy(n=n, batch_size=config.batch_size, steps=len(learning_rates)),
+        instruments=instruments.final_values(logs.instruments) or None,
     )
     if estimates is None or not tracked:
         return result
@@ -279,4 +283,31 @@ def write(out_dir: Path, result: RunResult, learning_rates, logs: StepLogs, *, t
         hessian_frobenius_sq=np.asarray(logs.frobenius),
     )
     report.dispersion_figure(logs.epochs, out_dir / "dispersion.png", title=title)
+    if logs.instruments:
+        write_instruments(out_dir, logs.instruments, title=title)
     report.write_json_atomic(out_dir / "result.json", result.to_json())
+
+
+def read_instruments(out_dir: str | Path) -> list[dict[str, float]]:
+    """The rows of a run's ``instruments.csv`` (``[]`` when it measured none)."""
+    path = Path(out_dir) / "instruments.csv"
+    if not path.is_file():
+        return []
+    with open(path) as stream:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(stream)]
+
+
+def write_instruments(out_dir: Path, rows: list[dict[str, Any]], *, title: str) -> None:
+    """``instruments.csv`` (one row per measured epoch), ``instruments.npz`` (the SLQ
+    nodes and weights per measured epoch, when measured) and ``instruments.png``."""
+    names = instruments.columns(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(names)
+    writer.writerows([[row.get(name, math.nan) for name in names] for row in rows])
+    report.write_text_atomic(out_dir / "instruments.csv", buffer.getvalue())
+    series = {k: np.asarray([row[k] for row in rows]) for k in instruments.SERIES if k in rows[0]}
+    if series:
+        epochs = np.asarray([row["epoch"] for row in rows])
+        report.write_npz_atomic(out_dir / "instruments.npz", epochs=epochs, **series)
+    report.instruments_figure(rows, out_dir / "instruments.png", title=title)

@@ -29,6 +29,8 @@ class Stream(enum.IntEnum):
     SENSITIVITY_BATCH = 6  # which training examples E‖H_z‖_F² is measured on
     ESTIMATE_SUBSETS = 7  # the n/10 train and test examples of Tr H and the flatness
     STEP = 8  # the methods' per-step randomness (folded with the step)
+    INSTRUMENTS = 9  # the instruments' probes, folded with the epoch and the instrument
+    INSTRUMENT_EXAMPLES = 10  # which training examples the instruments are measured on
 
 
 def key(seed: int, stream: Stream, *indices: int) -> jax.Array:
