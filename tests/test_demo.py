@@ -68,3 +68,24 @@ def test_the_clipping_sentence_reads_the_comparison():
     assert "Best test accuracy 64.0 ± 0.5 % against ERM's 60.0 ± 0.5 %" in sentence
     assert "better beyond two standard errors" in sentence
     assert demo.clipping_sentence([row("erm", 60.0, 0.5)]) == ""
+
+
+def test_the_instruments_sentence_reads_the_figure_2_run():
+    rows = [
+        {"epoch": 10.0, "hessian_max": 4.0, "gsnr": 0.1},
+        {"epoch": 20.0, "hessian_max": 6.0, "gsnr": 0.2},
+        {"epoch": 30.0, "hessian_max": 2.0, "gsnr": 0.4},
+    ]
+    epochs = [_epoch(d) for d in [1.0] * 19 + [3.0] + [1.0] * 10]  # the dispersion peaks at 20
+    sentence = demo.instruments_sentence(rows, epochs)
+    assert "the top eigenvalue of H goes from 4 (epoch 10) to 2 (epoch 30)" in sentence
+    assert "highest 6 at epoch 20" in sentence and "The dispersion peaks at epoch 20" in sentence
+    assert "the top eigenvalue averages 5 and the GSNR 0.15, after it 2 and 0.4" in sentence
+    assert demo.instruments_sentence([], epochs) == "The instruments were not measured."
+
+
+def _epoch(dispersion):
+    from jaxgen.experiments.results import EpochMetrics
+
+    nan = float("nan")
+    return EpochMetrics(1, nan, nan, nan, nan, nan, nan, dispersion)

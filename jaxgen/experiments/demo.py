@@ -323,10 +323,23 @@ def instruments_sentence(rows, epochs) -> str:
 
     dispersion = np.asarray([row.dispersion for row in epochs], np.float64)
     peak = int(np.nanargmax(dispersion)) + 1 if dispersion.size else 0
-    return (
+    sentence = (
         f"Measured every {measured[1] - measured[0] if len(measured) > 1 else 1} epochs on "
         f"256 training examples: {course('hessian_max', 'the top eigenvalue of H')}; "
-        f"{course('gsnr', 'the mean GSNR')}. The dispersion peaks at epoch {peak}."
+        f"{course('gsnr', 'the mean GSNR')}. The dispersion peaks at epoch {peak}"
+    )
+    before = [row for row in rows if row["epoch"] <= peak]
+    after = [row for row in rows if row["epoch"] > peak]
+    if not before or not after:
+        return sentence + "."
+    averages = {
+        name: (np.mean([r[name] for r in before]), np.mean([r[name] for r in after]))
+        for name in ("hessian_max", "gsnr")
+    }
+    return sentence + (
+        "; up to that peak (the memorisation phase) the top eigenvalue averages "
+        f"{averages['hessian_max'][0]:.3g} and the GSNR {averages['gsnr'][0]:.3g}, after it "
+        f"{averages['hessian_max'][1]:.3g} and {averages['gsnr'][1]:.3g}."
     )
 
 
