@@ -113,24 +113,30 @@ def lanczos(matvec, start: jax.Array, steps: int, key: jax.Array):
     size, dtype = start.shape[0], start.dtype
     tiny = jnp.finfo(dtype).eps * 10
 
-    def orthogonalised(w, basis, count):
-        mask = (jnp.arange(steps) < count)[:, None].astype(dtype)
-        for _ in range(2):  # Gram–Schmidt twice: orthogonal to working precision
-            w = w - (basis * mask).T @ ((basis * mask) @ w)
-        return w
+    def project(w, basis):  # rows not yet filled are zeros: the basis so far
+        return w - basis.T @ (basis @ w)
+
+    def orthogonalised(w, basis):
+        # Classical Gram–Schmidt, repeated only when the first pass cancelled most of
+        # ``w`` (Daniel, Gragg, Kaufman & Stewart, 1976): orthogonal to working precision.
+        once = project(w, basis)
+        cancelled = jnp.linalg.norm(once) < 0.7 * jnp.linalg.norm(w)
+        return jax.lax.cond(cancelled, project, lambda w, basis: w, once, basis)
+
+    def restart(i, basis):
+        fresh = jax.random.normal(jax.random.fold_in(key, i), (size,), dtype)
+        return orthogonalised(fresh, basis)
 
     def step(i, carry):
         basis, alphas, betas, v, scale = carry
         basis = basis.at[i].set(v)
         w = matvec(v)
         alpha = jnp.vdot(v, w)
-        w = orthogonalised(w, basis, i + 1)
+        w = orthogonalised(w, basis)
         beta = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
-        fresh = jax.random.normal(jax.random.fold_in(key, i), (size,), dtype)
-        fresh = orthogonalised(fresh, basis, i + 1)
         broke = beta <= tiny * scale
-        w = jnp.where(broke, fresh, w)
+        w = jax.lax.cond(broke, restart, lambda i, basis: w, i, basis)
         v = w / jnp.linalg.norm(w)
         return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broke, 0, beta)), v, scale
 
