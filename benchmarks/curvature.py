@@ -172,7 +172,10 @@ def _backpack_rows(name, params, batch, moments):
     }
     medians = interleaved_medians(calls, repeats=3)
     with_extension(Variance)()
-    variance = as_jax_layout(name, [p.variance for p in model.parameters()])
+    # BackPACK's per-example gradients are those of the mean loss, g_i / b: its
+    # ``variance`` is jaxgen's over b².
+    size = x.shape[0]
+    variance = as_jax_layout(name, [p.variance * size**2 for p in model.parameters()])
     with_extension(DiagHessian)()
     diagonal = as_jax_layout(name, [p.diag_h for p in model.parameters()])
     got = np.concatenate(

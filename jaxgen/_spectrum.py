@@ -113,32 +113,31 @@ def lanczos(matvec, start: jax.Array, steps: int, key: jax.Array):
     size, dtype = start.shape[0], start.dtype
     tiny = jnp.finfo(dtype).eps * 10
 
-    def project(w, basis):  # rows not yet filled are zeros: the basis so far
-        return w - basis.T @ (basis @ w)
-
-    def orthogonalised(w, basis):
-        # Classical Gram–Schmidt, repeated only when the first pass cancelled most of
-        # ``w`` (Daniel, Gragg, Kaufman & Stewart, 1976): orthogonal to working precision.
-        once = project(w, basis)
-        cancelled = jnp.linalg.norm(once) < 0.7 * jnp.linalg.norm(w)
-        return jax.lax.cond(cancelled, project, lambda w, basis: w, once, basis)
-
-    def restart(i, basis):
-        fresh = jax.random.normal(jax.random.fold_in(key, i), (size,), dtype)
-        return orthogonalised(fresh, basis)
+    def project(w, basis, v):
+        # Against the basis so far (its rows not yet filled are zeros) and v, the row it
+        # is about to take. ``basis`` is only read until it is written, last, and never
+        # passed through a ``cond``: XLA then updates it in place (otherwise it copied
+        # all ``m × P`` numbers twice per step, twice the cost of the product).
+        w = w - basis.T @ (basis @ w)
+        return w - jnp.vdot(v, w) * v
 
     def step(i, carry):
         basis, alphas, betas, v, scale = carry
-        basis = basis.at[i].set(v)
         w = matvec(v)
         alpha = jnp.vdot(v, w)
-        w = orthogonalised(w, basis)
+        w = project(w, basis, v)
         beta = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
         broke = beta <= tiny * scale
-        w = jax.lax.cond(broke, restart, lambda i, basis: w, i, basis)
-        v = w / jnp.linalg.norm(w)
-        return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broke, 0, beta)), v, scale
+        fresh = jax.lax.cond(
+            broke,
+            lambda: jax.random.normal(jax.random.fold_in(key, i), (size,), dtype),
+            lambda: jnp.zeros((size,), dtype),
+        )
+        w = project(jnp.where(broke, fresh, w), basis, v)  # Gram–Schmidt twice: orthogonal
+        basis = basis.at[i].set(v)
+        beta = jnp.where(broke, 0, beta)
+        return basis, alphas.at[i].set(alpha), betas.at[i].set(beta), w / jnp.linalg.norm(w), scale
 
     init = (
         jnp.zeros((steps, size), dtype),
