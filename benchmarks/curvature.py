@@ -11,7 +11,7 @@ On each model (batch 64; 256 without ``--quick``), in one process:
   and seconds. PyHessian's ``trace(maxIter=100, tol=1e-3)``: seconds per product beside
   ``jaxgen.hessian_trace``'s (Hutchinson) and ``hessian_eigenvalues``' per product.
   PyHessian's ``density`` calls ``torch.eig``, removed from PyTorch: not run.
-- **Spectrum.** ``jaxgen.hessian_spectrum`` (10 probes × 20 steps): seconds, and its
+- **Spectrum.** ``jaxgen.hessian_spectrum`` (4 probes × 10 steps): seconds, and its
   first moment against ``Tr H / P`` from ``hessian_trace``.
 - **Per-coordinate statistics.** ``jaxgen.gradient_moments`` (ghost) against a plain
   gradient; BackPACK's ``Variance``, ``SumGradSquared`` and ``DiagHessian`` against
@@ -203,7 +203,7 @@ def _measure(name, loss_fn, params, batch, *, peers: bool) -> dict:
         "lanczos_per_product_over_grad": lanczos_product / grad_seconds,
     }
     spectrum = functools.partial(
-        jaxgen.hessian_spectrum, loss_fn, key=2, num_probes=10, num_iterations=20
+        jaxgen.hessian_spectrum, loss_fn, key=2, num_probes=4, num_iterations=10
     )
     row["spectrum_seconds"] = median_seconds(
         lambda p, b: spectrum(p, b).nodes, params, batch, repeats=3

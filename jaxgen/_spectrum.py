@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from jaxgen import _checks
+from jaxgen._chunks import loops_are_slow
 from jaxgen._hvp import has_custom_vjp, hvp_fn
 from jaxgen._per_example import mean_loss
 from jaxgen._random import as_key
@@ -103,7 +104,7 @@ def _flat_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree):
     return matvec, flat.astype(dtype), unravel
 
 
-def lanczos(matvec, start: jax.Array, steps: int, key: jax.Array):
+def lanczos(matvec, start: jax.Array, steps: int, key: jax.Array, *, unroll: bool = False):
     """``steps`` Lanczos iterations from ``start`` with full reorthogonalisation:
     ``(alphas (m,), betas (m − 1,), basis (m, P))``, ``T = tridiag(betas, alphas, betas)``.
 
@@ -146,7 +147,7 @@ def lanczos(matvec, start: jax.Array, steps: int, key: jax.Array):
         start / jnp.linalg.norm(start),
         jnp.zeros((), dtype),
     )
-    basis, alphas, betas, _, _ = jax.lax.fori_loop(0, steps, step, init)
+    basis, alphas, betas, _, _ = jax.lax.fori_loop(0, steps, step, init, unroll=unroll or 1)
     return alphas, betas[:-1], basis
 
 
@@ -163,7 +164,9 @@ def _eigenvalues(loss_fn, params, batch, key, k, num_iterations, which, vectors)
     matvec, flat, unravel = _flat_hvp(loss_fn, params, batch)
     start_key, restart_key = jax.random.split(key)
     start = jax.random.normal(start_key, flat.shape, flat.dtype)
-    alphas, betas, basis = lanczos(matvec, start, num_iterations, restart_key)
+    # XLA:CPU runs convolutions ~40× slower inside loops (``jaxgen._chunks``): unrolled.
+    unroll = loops_are_slow(matvec, flat)
+    alphas, betas, basis = lanczos(matvec, start, num_iterations, restart_key, unroll=unroll)
     ritz, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas))  # ascending
     order = jnp.arange(k) if which == "smallest" else num_iterations - 1 - jnp.arange(k)
     values, rotation = ritz[order], rotation[:, order]
@@ -273,7 +276,9 @@ def hessian_spectrum(
     Gauss quadrature. ``Spectrum.moment(1)`` and ``moment(2)`` estimate ``Tr H / P`` and
     ``Tr H² / P`` (exactly ``vᵀHv/‖v‖²`` and ``‖Hv‖²/‖v‖²`` per probe);
     ``spectral_density`` smooths the nodes into a density on a grid. The probes run
-    one after another (memory: one basis of ``num_iterations × P`` numbers).
+    one after another in a loop (memory: one basis of ``num_iterations × P`` numbers);
+    on a CPU a model with convolutions runs them slowly there (XLA:CPU runs convolutions
+    ~40× slower inside loops), which ``hessian_eigenvalues`` avoids by unrolling.
 
     Example:
       >>> import jax.numpy as jnp, jaxgen
