@@ -94,6 +94,8 @@ SLOW_FIRST = (
     "test_a_run_on_a_mesh_equals_one_device_and_resumes_on_another_device_count",
     "test_same_configuration_same_result",
     "test_a_conv_model_on_a_mocked_tfds_dataset",
+    "test_every_estimator_follows_scans_checkpoints_and_convolutions",
+    "test_instruments_are_measured_on_their_subset_and_resume_to_the_same_numbers",
 )
 
 

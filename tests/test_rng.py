@@ -43,4 +43,6 @@ def test_stream_values_never_change():
         "SENSITIVITY_BATCH": 6,
         "ESTIMATE_SUBSETS": 7,
         "STEP": 8,
+        "INSTRUMENTS": 9,
+        "INSTRUMENT_EXAMPLES": 10,
     }
