@@ -24,7 +24,8 @@ B, D, H, V = 6, 5, 4, 7
 
 
 def _oracle(loss_fn, params, batch):
-    """Per-example squared norms and dispersion from float64 per-example gradients."""
+    """Per-example squared norms, dispersion, mean and the per-example gradients (per
+    leaf), from float64 per-example gradients."""
     with jax.enable_x64(True):
         to64 = lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
         params64 = jax.tree_util.tree_map(to64, params)
@@ -34,12 +35,13 @@ def _oracle(loss_fn, params, batch):
             [np.asarray(g).reshape(B, -1) for g in jax.tree_util.tree_leaves(grads)], axis=1
         )
         mean = jax.tree_util.tree_map(lambda g: np.asarray(g).mean(axis=0), grads)
+        leaves = [np.asarray(g) for g in jax.tree_util.tree_leaves(grads)]
     residuals = flat - flat.mean(axis=0)
-    return np.sum(flat**2, axis=1), np.sum(residuals**2) / B, mean
+    return np.sum(flat**2, axis=1), np.sum(residuals**2) / B, mean, leaves
 
 
 def _check(loss_fn, params, batch, *, warns: bool, rtol=2e-4):
-    sq_norms, dispersion, mean = _oracle(loss_fn, params, batch)
+    sq_norms, dispersion, mean, grads = _oracle(loss_fn, params, batch)
     ghost_module._warn_once.cache_clear()  # each message is given once per process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -52,23 +54,27 @@ def _check(loss_fn, params, batch, *, warns: bool, rtol=2e-4):
         np.testing.assert_allclose(stats.dispersion, dispersion, rtol=rtol, atol=1e-7)
         for got, want in zip(*map(jax.tree_util.tree_leaves, (stats.grad, mean)), strict=True):
             np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
-    _check_clipped(loss_fn, params, batch, np.sqrt(sq_norms), rtol)
+    _check_clipped(loss_fn, params, batch, grads, rtol)
     return messages
 
 
-def _check_clipped(loss_fn, params, batch, norms, rtol, scaled_atol=0.0):
-    """``clipped_grad`` (ghost) against the float64 clip-mean oracle, half the examples
-    clipped (``test_clipped.py``); ``scaled_atol``: an absolute tolerance as a fraction
-    of each leaf's largest entry (low precision)."""
-    from test_clipped import _median, clip_oracle
+def _check_clipped(loss_fn, params, batch, grads, rtol, scaled_atol=0.0):
+    """``clipped_grad`` (ghost) against the clipped mean of the float64 per-example
+    gradients ``grads`` (per leaf, from ``_oracle``), half the examples clipped
+    (``test_clipped.py``); ``scaled_atol``: an absolute tolerance as a fraction of each
+    leaf's largest entry (low precision)."""
+    from test_clipped import _median
 
+    sq_norms = sum(np.sum(g.reshape(B, -1) ** 2, axis=1) for g in grads)
+    norms = np.sqrt(sq_norms)
     max_norm = _median(norms) if np.ptp(norms) > 0 else float(norms[0]) / 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warnings are _check's subject
         got = jaxgen.clipped_grad(loss_fn, params, batch, max_norm=max_norm, method="ghost")
-    want, sq_norms, _ = clip_oracle(loss_fn, params, batch, max_norm)
+    factors = np.minimum(1.0, max_norm / norms)
+    want = [np.tensordot(factors, g, axes=1) / B for g in grads]
     np.testing.assert_allclose(got.sq_norms, sq_norms, rtol=rtol, atol=1e-6)
-    for g, w in zip(*map(jax.tree_util.tree_leaves, (got.grad, want)), strict=True):
+    for g, w in zip(jax.tree_util.tree_leaves(got.grad), want, strict=True):
         atol = max(1e-6, scaled_atol * float(np.max(np.abs(w))))
         np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=atol)
 
@@ -237,11 +243,11 @@ def test_bfloat16_parameters():
     def loss(p, z):
         return _xent((z["x"].astype(jnp.bfloat16) @ p["w"] + p["b"]).astype(jnp.float32), z["y"])
 
-    sq_norms, dispersion, _ = _oracle(loss, params, BATCH)
+    sq_norms, dispersion, _, grads = _oracle(loss, params, BATCH)
     stats = jaxgen.gradient_dispersion(loss, params, BATCH)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=3e-2)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=3e-2)
-    _check_clipped(loss, params, BATCH, np.sqrt(sq_norms), rtol=3e-2, scaled_atol=2e-2)
+    _check_clipped(loss, params, BATCH, grads, rtol=3e-2, scaled_atol=2e-2)
 
 
 def test_float64_parameters_give_float64_results():
@@ -255,7 +261,7 @@ def test_float64_parameters_give_float64_results():
         for method in ("ghost", "auto", "vmap"):
             stats = jaxgen.gradient_dispersion(loss, params, batch, method=method)
             assert stats.dispersion.dtype == stats.sq_norms.dtype == jnp.float64, method
-        sq_norms, dispersion, _ = _oracle(loss, params, batch)
+        sq_norms, dispersion, _, grads = _oracle(loss, params, batch)
         np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-12)
         np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-12)
 
@@ -270,12 +276,12 @@ def test_auto_is_exact_when_the_mean_gradient_dominates_by_1e8():
         return (z["x"] @ p["w"])[0]  # δ = 1: g_i = x_i exactly
 
     batch = {"x": x}
-    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    sq_norms, dispersion, _, grads = _oracle(loss, params, batch)
     assert np.sum(np.mean(np.asarray(x, np.float64), 0) ** 2) / dispersion > 1e7
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
-    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
+    _check_clipped(loss, params, batch, grads, rtol=1e-6)  # no cancellation
 
 
 def test_flax_linen_and_equinox_models():
@@ -309,7 +315,7 @@ def test_a_program_the_interpreter_cannot_follow_falls_back_to_vmap(monkeypatch)
 
     with pytest.warns(UserWarning, match="cannot follow this loss .* method='vmap' instead"):
         stats = jaxgen.gradient_dispersion(loss, params, BATCH, method="ghost")
-    _, dispersion, _ = _oracle(loss, params, BATCH)
+    _, dispersion, _, grads = _oracle(loss, params, BATCH)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -512,7 +518,7 @@ def test_scanned_layers_in_float64_give_float64_results():
         loss = OPENED_SCANS["stacked blocks"]
         stats = jaxgen.gradient_dispersion(loss, params, batch, method="ghost")
         assert stats.dispersion.dtype == stats.sq_norms.dtype == jnp.float64
-        sq_norms, dispersion, _ = _oracle(loss, params, batch)
+        sq_norms, dispersion, _, grads = _oracle(loss, params, batch)
         np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-10)
         np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-10)
 
@@ -574,11 +580,11 @@ def test_scanned_layers_are_exact_when_the_mean_gradient_dominates():
         return out
 
     batch = {"x": c + spread * _normal(62, B, D)}
-    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    sq_norms, dispersion, _, grads = _oracle(loss, params, batch)
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
-    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
+    _check_clipped(loss, params, batch, grads, rtol=1e-6)  # no cancellation
 
 
 def test_a_cancelling_tapped_leaf_beside_one_that_does_not_cancel():
@@ -596,11 +602,11 @@ def test_a_cancelling_tapped_leaf_beside_one_that_does_not_cancel():
         return out
 
     batch = {"x": c + spread * _normal(64, B, D), "u": _normal(65, B, D)}
-    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    sq_norms, dispersion, _, grads = _oracle(loss, params, batch)
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
-    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
+    _check_clipped(loss, params, batch, grads, rtol=1e-6)  # no cancellation
     for name in ("w", "v"):
         with jax.enable_x64(True):
             grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(
@@ -652,7 +658,7 @@ def test_one_cond_guards_every_leaf_and_only_the_cancelling_one_is_recomputed():
 
     batch = {"x": c + spread * _normal(68, B, D), "u": _normal(69, B, D)}
     assert _rules_used(loss, params, batch) == {"dense"}
-    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    sq_norms, dispersion, _, grads = _oracle(loss, params, batch)
     for method in ("ghost", "auto"):
         stats = jaxgen.gradient_dispersion(loss, params, batch, method=method)
         np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
@@ -725,11 +731,11 @@ def test_tied_layers_are_exact_when_the_mean_gradient_dominates():
 
     batch = {"x": c + spread * _normal(81, B, D)}
     assert _rules_used(loss, params, batch) == {"dense"}  # the ghost path, with its exact branch
-    sq_norms, dispersion, _ = _oracle(loss, params, batch)
+    sq_norms, dispersion, _, grads = _oracle(loss, params, batch)
     stats = jaxgen.gradient_dispersion(loss, params, batch)
     np.testing.assert_allclose(stats.dispersion, dispersion, rtol=1e-3)
     np.testing.assert_allclose(stats.sq_norms, sq_norms, rtol=1e-6)
-    _check_clipped(loss, params, batch, np.sqrt(sq_norms), rtol=1e-6)  # no cancellation
+    _check_clipped(loss, params, batch, grads, rtol=1e-6)  # no cancellation
 
 
 def test_a_convolution_repeated_by_a_loop_sums_its_kernel_gradients():
