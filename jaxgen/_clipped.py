@@ -9,16 +9,13 @@ the per-example norms, at about the cost of one gradient.
 from __future__ import annotations
 
 import functools
-import warnings
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxgen import _checks
-from jaxgen._per_example import _split, default_microbatch
+from jaxgen._per_example import default_microbatch, ghost_or_vmap, map_chunks
 from jaxgen._types import LossFn, PyTree
 
 _METHODS = ("auto", "vmap", "ghost")
@@ -173,21 +170,11 @@ def clipped_grad(
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
     threshold = _threshold(params, max_norm, quantile, normalize)
-    if method == "vmap":
-        return _clipped_vmap(loss_fn, params, batch, threshold, microbatch_size)
-    try:
-        return _clipped_ghost(loss_fn, params, batch, threshold, warn=method == "ghost")
-    except jax.errors.JaxRuntimeError:
-        raise
-    except Exception as error:  # a program the ghost interpreter cannot follow
-        if method == "ghost":
-            warnings.warn(
-                f"method='ghost' cannot follow this loss ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200] if str(error) else ''}); "
-                "computed with method='vmap' instead",
-                stacklevel=2,
-            )
-        return _clipped_vmap(loss_fn, params, batch, threshold, microbatch_size)
+    return ghost_or_vmap(
+        method,
+        lambda: _clipped_ghost(loss_fn, params, batch, threshold, warn=method == "ghost"),
+        lambda: _clipped_vmap(loss_fn, params, batch, threshold, microbatch_size),
+    )
 
 
 def _result(treedef, losses, sums, layer_sq_norms, fraction, size) -> ClippedGrad:
@@ -240,7 +227,7 @@ def _clipped_vmap(loss_fn, params, batch, threshold, microbatch_size):
 
     fixed = threshold
     if threshold.quantile is not None:
-        (_, norms), _ = _map_chunks(
+        (_, norms), _ = map_chunks(
             lambda chunk: ((per_example(chunk)[0], per_example(chunk)[2]), ()),
             batch,
             size,
@@ -257,32 +244,6 @@ def _clipped_vmap(loss_fn, params, batch, threshold, microbatch_size):
         ]
         return (losses, norms), sums
 
-    (losses, norms), sums = _map_chunks(scaled_sums, batch, size, microbatch_size)
+    (losses, norms), sums = map_chunks(scaled_sums, batch, size, microbatch_size)
     _, fraction = fixed.factors(norms)
     return _result(treedef, losses, sums, norms, fraction, size)
-
-
-def _map_chunks(fn: Callable, batch: PyTree, size: int, chunk: int | None):
-    """``fn(piece) -> (per_example, sums)`` over ``chunk``-sized pieces of ``batch``: the
-    per-example outputs concatenated, the sums added up."""
-    if chunk is None or chunk >= size:
-        return fn(batch)
-    head, tail = _split(batch, size, chunk)
-    first = jax.tree_util.tree_map(lambda x: x[0], head)
-    zeros = jax.tree_util.tree_map(
-        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first)[1]
-    )
-
-    def body(total, piece):
-        per_example, sums = fn(piece)
-        return optax.tree.add(total, sums), per_example
-
-    total, per_example = jax.lax.scan(body, zeros, head)
-    per_example = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), per_example)
-    if tail is not None:
-        tail_per_example, tail_sums = fn(tail)
-        total = optax.tree.add(total, tail_sums)
-        per_example = jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([a, b]), per_example, tail_per_example
-        )
-    return per_example, total

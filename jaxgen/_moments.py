@@ -15,7 +15,6 @@ GSNR during training to a small generalization gap.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgen import _checks
-from jaxgen._per_example import _split, default_microbatch
+from jaxgen._per_example import default_microbatch, ghost_or_vmap, map_chunks
 from jaxgen._types import LossFn, PyTree
 
 _METHODS = ("auto", "vmap", "ghost")
@@ -82,23 +81,9 @@ def _moments_vmap(loss_fn, params, batch, microbatch_size):
         squares = jax.tree_util.tree_map(lambda r: jnp.sum(r * r, 0), residuals)
         return jnp.sum(losses), total, squares
 
-    if microbatch_size is None or microbatch_size >= size:
-        loss_sum, total, squares = sums(batch)
-    else:
-        head, tail = _split(batch, size, microbatch_size)
-
-        def body(carry, chunk):
-            return jax.tree_util.tree_map(jnp.add, carry, sums(chunk)), None
-
-        zeros = jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(sums, jax.tree_util.tree_map(lambda x: x[0], head)),
-        )
-        (loss_sum, total, squares), _ = jax.lax.scan(body, zeros, head)
-        if tail is not None:
-            loss_sum, total, squares = jax.tree_util.tree_map(
-                jnp.add, (loss_sum, total, squares), sums(tail)
-            )
+    _, (loss_sum, total, squares) = map_chunks(
+        lambda chunk: ((), sums(chunk)), batch, size, microbatch_size
+    )
     mean_residual = jax.tree_util.tree_map(lambda t: t / size, total)
     variance = jax.tree_util.tree_map(
         lambda q, m: jnp.maximum(q / size - m * m, 0), squares, mean_residual
@@ -167,17 +152,9 @@ def gradient_moments(
     size = _checks.batch_size("batch", batch)
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
-    if method == "vmap":
-        return GradientMoments(*_vmap_path(loss_fn, params, batch, microbatch_size), size)
-    try:
-        return GradientMoments(*_ghost_path(loss_fn, params, batch, method == "ghost"), size)
-    except jax.errors.JaxRuntimeError:
-        raise
-    except Exception as error:  # a program the ghost interpreter cannot follow
-        if method == "ghost":
-            warnings.warn(
-                f"method='ghost' cannot follow this loss ({type(error).__name__}); "
-                "computed with method='vmap' instead",
-                stacklevel=2,
-            )
-        return GradientMoments(*_vmap_path(loss_fn, params, batch, microbatch_size), size)
+    values = ghost_or_vmap(
+        method,
+        lambda: _ghost_path(loss_fn, params, batch, method == "ghost"),
+        lambda: _vmap_path(loss_fn, params, batch, microbatch_size),
+    )
+    return GradientMoments(*values, size)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -145,6 +146,32 @@ def _split(batch: PyTree, size: int, chunk: int):
     return head, tail
 
 
+def map_chunks(fn: Callable, batch: PyTree, size: int, chunk: int | None):
+    """``fn(piece) -> (per_example, sums)`` over ``chunk``-sized pieces of ``batch``: the
+    per-example outputs concatenated, the sums added up."""
+    if chunk is None or chunk >= size:
+        return fn(batch)
+    head, tail = _split(batch, size, chunk)
+    first = jax.tree_util.tree_map(lambda x: x[0], head)
+    zeros = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first)[1]
+    )
+
+    def body(total, piece):
+        per_example, sums = fn(piece)
+        return optax.tree.add(total, sums), per_example
+
+    total, per_example = jax.lax.scan(body, zeros, head)
+    per_example = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), per_example)
+    if tail is not None:
+        tail_per_example, tail_sums = fn(tail)
+        total = optax.tree.add(total, tail_sums)
+        per_example = jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([a, b]), per_example, tail_per_example
+        )
+    return per_example, total
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "microbatch_size"))
 def _dispersion_vmap(loss_fn, params, batch, microbatch_size):
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
@@ -158,27 +185,12 @@ def _dispersion_vmap(loss_fn, params, batch, microbatch_size):
     # 1983). One example's gradient costs ~1/b of the batch gradient the shift was before.
     first = jax.tree_util.tree_map(lambda x: x[0], batch)
     shift = jax.grad(loss_fn)(params, first)
-    if microbatch_size is None or microbatch_size >= size:
-        sums, losses, sq_norms = _residual_sums(loss_fn, params, batch, shift)
-    else:
-        head, tail = _split(batch, size, microbatch_size)
 
-        def body(carry, chunk):
-            sums, losses, norms = _residual_sums(loss_fn, params, chunk, shift)
-            return optax.tree.add(carry, sums), (losses, norms)
+    def chunk_sums(chunk):
+        sums, losses, norms = _residual_sums(loss_fn, params, chunk, shift)
+        return (losses, norms), sums
 
-        zeros = _ResidualSums(
-            optax.tree.zeros_like(shift),
-            jax.tree_util.tree_map(lambda g: jnp.zeros((), g.dtype), shift),
-        )
-        sums, (losses, norms) = jax.lax.scan(body, zeros, head)
-        losses, norms = [losses.reshape(-1)], [norms.reshape(-1)]
-        if tail is not None:
-            tail_sums, tail_losses, tail_norms = _residual_sums(loss_fn, params, tail, shift)
-            sums = optax.tree.add(sums, tail_sums)
-            losses.append(tail_losses)
-            norms.append(tail_norms)
-        losses, sq_norms = jnp.concatenate(losses), jnp.concatenate(norms)
+    (losses, sq_norms), sums = map_chunks(chunk_sums, batch, size, microbatch_size)
     loss = jnp.mean(losses)
     layer_dispersion = jax.tree_util.tree_map(
         lambda squares, total: jnp.maximum(squares - jnp.sum(jnp.square(total)) / size, 0) / size,
@@ -295,10 +307,21 @@ def gradient_dispersion(
     _checks.batch_size("batch", batch)
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.optional_integer("microbatch_size", microbatch_size, minimum=1)
+    return ghost_or_vmap(
+        method,
+        lambda: _dispersion_ghost(loss_fn, params, batch, warn=method == "ghost"),
+        lambda: _dispersion_vmap(loss_fn, params, batch, microbatch_size),
+    )
+
+
+def ghost_or_vmap(method: str, ghost, vmap):
+    """``vmap()`` for ``method="vmap"``; else ``ghost()``, and ``vmap()`` where the ghost
+    interpreter cannot follow the program (with a warning for ``method="ghost"``, at the
+    caller of the public function that called this)."""
     if method == "vmap":
-        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
+        return vmap()
     try:
-        return _dispersion_ghost(loss_fn, params, batch, warn=method == "ghost")
+        return ghost()
     except jax.errors.JaxRuntimeError:
         raise
     except Exception as error:  # a program the ghost interpreter cannot follow
@@ -307,9 +330,9 @@ def gradient_dispersion(
                 f"method='ghost' cannot follow this loss ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:200] if str(error) else ''}); "
                 "computed with method='vmap' instead",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return _dispersion_vmap(loss_fn, params, batch, microbatch_size)
+        return vmap()
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "warn"))
