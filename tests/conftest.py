@@ -172,6 +172,28 @@ def mlp_loss_custom_vjp(params, example):
     return cross_entropy(x @ params[-1]["w"] + params[-1]["b"], example["y"])
 
 
+def wide_relu_mlp():
+    """``(loss_fn, params, batch, per_example_bytes)``: a ReLU MLP 64-256-256-10 and a
+    batch of 64, whose per-example gradients (``b × P`` float32) take ``per_example_bytes``:
+    large beside everything else, for the tests that no such buffer is formed."""
+    sizes = (64, 256, 256, 10)
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = [
+        {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+
+    def loss_fn(params, z):
+        x = z["x"]
+        for layer in params[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        return -jax.nn.log_softmax(x @ params[-1]["w"] + params[-1]["b"])[z["y"]]
+
+    batch = {"x": jnp.ones((64, 64)), "y": jnp.zeros(64, jnp.int32)}
+    per_example_bytes = 64 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * 4
+    return loss_fn, params, batch, per_example_bytes
+
+
 def cnn_init(key):
     k1, k2 = jax.random.split(key)
     return {

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cnn_loss, mlp_loss
+from conftest import cnn_loss, mlp_loss, wide_relu_mlp
 
 import jaxgen
 
@@ -115,21 +115,7 @@ def test_under_jit_with_a_traced_threshold(mlp):
 
 
 def test_ghost_forms_no_parameter_gradient_pass_and_no_batch_by_parameters_buffer():
-    sizes = (64, 256, 256, 10)
-    keys = jax.random.split(jax.random.key(0), 3)
-    params = [
-        {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
-
-    def loss_fn(params, z):
-        x = z["x"]
-        for layer in params[:-1]:
-            x = jax.nn.relu(x @ layer["w"] + layer["b"])
-        return -jax.nn.log_softmax(x @ params[-1]["w"] + params[-1]["b"])[z["y"]]
-
-    batch = {"x": jnp.ones((64, 64)), "y": jnp.zeros(64, jnp.int32)}
-    per_example_bytes = 64 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * 4
+    loss_fn, params, batch, per_example_bytes = wide_relu_mlp()
 
     def compiled(fn):
         return jax.jit(fn).lower(params, batch).compile()

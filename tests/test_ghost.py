@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cnn_loss, mlp_loss
+from conftest import cnn_loss, mlp_loss, wide_relu_mlp
 from flax import nnx
 
 import jaxgen
@@ -109,22 +109,7 @@ def test_parameter_on_either_side_of_a_matmul_and_a_hand_written_two_layer_relu(
 
 
 def test_ghost_holds_no_batch_by_parameters_buffer():
-    sizes = (64, 256, 256, 10)
-    keys = jax.random.split(jax.random.key(0), 3)
-    params = [
-        {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
-
-    def loss_fn(params, z):
-        x = z["x"]
-        for layer in params[:-1]:
-            x = jax.nn.relu(x @ layer["w"] + layer["b"])
-        return -jax.nn.log_softmax(x @ params[-1]["w"] + params[-1]["b"])[z["y"]]
-
-    batch = {"x": jnp.ones((64, 64)), "y": jnp.zeros(64, jnp.int32)}
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    per_example_bytes = 64 * num_params * 4
+    loss_fn, params, batch, per_example_bytes = wide_relu_mlp()
 
     def temp_bytes(method):
         fn = jax.jit(lambda p, b: jaxgen.gradient_dispersion(loss_fn, p, b, method=method))

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cnn_init, cnn_loss, mlp_init, mlp_loss
+from conftest import cnn_init, cnn_loss, mlp_init, mlp_loss, wide_relu_mlp
 from test_spectrum import _batch, _stacked
 
 import jaxgen
@@ -72,24 +72,12 @@ def test_moments_match_per_example_gradients(program, method):
 
 
 def test_the_dense_ghost_path_forms_no_per_example_gradient_and_runs_sharded():
-    sizes = (64, 256, 10)
-    keys = jax.random.split(jax.random.key(0), 2)
-    params = [
-        {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
-
-    def loss_fn(params, z):
-        h = jax.nn.relu(z["x"] @ params[0]["w"] + params[0]["b"])
-        return -jax.nn.log_softmax(h @ params[1]["w"] + params[1]["b"])[z["y"]]
-
-    batch = {"x": jnp.ones((64, 64)), "y": jnp.zeros(64, jnp.int32)}
-    per_example_bytes = 64 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * 4
+    loss_fn, params, batch, per_example_bytes = wide_relu_mlp()
     compiled = jax.jit(lambda p, b: jaxgen.gradient_moments(loss_fn, p, b, method="ghost").variance)
     memory = compiled.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
     assert memory < 0.2 * per_example_bytes
     mesh = jaxgen.make_mesh("data=2")
-    batch = {"x": jax.random.normal(keys[1], (16, 64)), "y": jnp.arange(16) % 10}
+    batch = {"x": jax.random.normal(jax.random.key(1), (16, 64)), "y": jnp.arange(16) % 10}
     one = jaxgen.gradient_moments(loss_fn, params, batch, method="ghost")
     many = jaxgen.gradient_moments(
         loss_fn, jaxgen.replicate(params, mesh), jaxgen.shard_batch(batch, mesh), method="ghost"

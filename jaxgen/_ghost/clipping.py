@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen._ghost import Program, _Backward, _backward, rule_grads, rule_sq_norms
-from jaxgen._ghost.interpreter import ParamOnly, Use, bind
-from jaxgen._ghost.materialise import materialise
+from jaxgen._ghost.interpreter import ParamOnly, Use
+from jaxgen._ghost.materialise import apply_use, materialise
 from jaxgen._ghost.rules import accumulator, dense_matrices, is_dense
 
 
@@ -125,16 +125,8 @@ def _outputs(use: Use, param_values, constants, example_values):
     """The use's equation on the whole batch (and, in opened scans, every iteration),
     its parameter operands shared by the examples."""
 
-    def apply(params, consts, examples):
-        values = [consts.get(i) for i in range(len(use.eqn.invars))]
-        for i, v in zip(use.param_positions, params, strict=True):
-            values[i] = v
-        for i, v in zip(use.example_positions, examples, strict=True):
-            values[i] = v
-        return bind(use.eqn, values)
-
     def over_batch(params, consts, examples):
-        return jax.vmap(lambda x: apply(params, consts, x))(examples)
+        return jax.vmap(lambda x: apply_use(use, params, consts, x))(examples)
 
     batched = over_batch
     for _ in use.loops:

@@ -20,6 +20,17 @@ from jaxgen._ghost.rules import Plan, accumulator
 CHUNK_ELEMENTS = 2**16
 
 
+def apply_use(use: Use, param_values, constants, example_values):
+    """The use's equation on its parameter operands, its constant operands (neither
+    parameter nor example, by position) and one example's operands."""
+    values = [constants.get(i) for i in range(len(use.eqn.invars))]
+    for i, v in zip(use.param_positions, param_values, strict=True):
+        values[i] = v
+    for i, v in zip(use.example_positions, example_values, strict=True):
+        values[i] = v
+    return bind(use.eqn, values)
+
+
 def cotangents_for(use: Use, param_values, constants, example_values, delta):
     """Per-example cotangents on a use's parameter operands, by the VJP of its equation.
 
@@ -28,12 +39,7 @@ def cotangents_for(use: Use, param_values, constants, example_values, delta):
     """
 
     def apply(*params):
-        values = [constants.get(i) for i in range(len(use.eqn.invars))]
-        for i, v in zip(use.param_positions, params, strict=True):
-            values[i] = v
-        for i, v in zip(use.example_positions, example_values, strict=True):
-            values[i] = v
-        return bind(use.eqn, values)
+        return apply_use(use, params, constants, example_values)
 
     outs, vjp = jax.vjp(apply, *param_values)
     cotangent_out = [
