@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import _checks
-from jaxgen._per_example import DispersionStats, mean_loss
+from jaxgen._grad_fn import batch_grad_fn
+from jaxgen._per_example import DispersionStats
 from jaxgen._types import LossFn, PyTree
 
 __all__ = [
@@ -129,4 +130,4 @@ def tic_diag(second_moment: PyTree, hessian_diagonal: PyTree, *, epsilon: float 
 
 def mean_gradient(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
     """``ḡ``, for ``gradient_projections`` when no statistics are at hand."""
-    return jax.grad(mean_loss, argnums=1)(loss_fn, params, batch)
+    return batch_grad_fn(loss_fn, batch)(params)

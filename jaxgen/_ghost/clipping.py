@@ -74,16 +74,15 @@ def ghost_clipped(
     factors = scales(layer_sq_norms)
     sums = [jnp.zeros_like(leaf) for leaf in leaves]
     for leaf, g in grads.items():
-        if g is None:
-            continue
         summed = jnp.tensordot(factors[leaf].astype(dtype), g.astype(dtype), axes=1)
         sums[leaf] = summed.reshape(leaves[leaf].shape).astype(leaves[leaf].dtype)
-    for leaf, u in plan.fast.items():
-        use = plan.uses[u]
-        if leaf not in grads and _direct_dense(use, leaves[leaf]):
-            sums[leaf] = _dense_sum(use, backward, u, factors[leaf], leaves[leaf])
-            grads[leaf] = None
-    targets = sorted(leaf for leaf in plan.fast if leaf not in grads)
+    direct = {
+        leaf for leaf, u in plan.fast.items() if leaf not in grads and _direct_dense(plan.uses[u])
+    }
+    for leaf in direct:
+        u = plan.fast[leaf]
+        sums[leaf] = _dense_sum(plan.uses[u], backward, u, factors[leaf], leaves[leaf])
+    targets = sorted(leaf for leaf in plan.fast if leaf not in grads and leaf not in direct)
     if targets:
         weighted = _weighted_grads(program, backward, targets, factors)
         for leaf, g in zip(targets, weighted, strict=True):
@@ -134,7 +133,7 @@ def _outputs(use: Use, param_values, constants, example_values):
     return batched(param_values, constants, example_values)
 
 
-def _direct_dense(use: Use, leaf) -> bool:
+def _direct_dense(use: Use) -> bool:
     """A dense use outside loops whose parameter operand is the leaf itself, on the right
     of ``x @ W`` with ``W``'s contracted dimensions first: its clipped gradient is
     ``Σ_i xm_iᵀ (c_i dm_i)`` reshaped (``rules.dense_matrices``' order)."""
