@@ -21,13 +21,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
+import optax
+from jax import lax
 
 from jaxgen import _checks
 from jaxgen._chunks import loops_are_slow
 from jaxgen._hvp import has_custom_vjp, hvp_fn
 from jaxgen._per_example import mean_loss
-from jaxgen._random import as_key
+from jaxgen._random import as_key, gaussian_like, rademacher_like
 from jaxgen._types import LossFn, PyTree
 
 WHICH = ("largest", "smallest")
@@ -41,10 +42,11 @@ class EigenEstimate(NamedTuple):
         first (``"smallest"``).
       residuals: ``(k,)`` ``‖H v − λ v‖`` of each unit eigenvector estimate ``v``: an
         eigenvalue lies within it of ``λ`` (for symmetric ``H``), so it says how far
-        Lanczos has converged.
+        Lanczos has converged. Lanczos's own ``|β_m s_m|``, equal to it up to rounding
+        while the basis stays orthogonal: no product is spent on it.
       vectors: the unit eigenvectors as a pytree like ``params`` whose leaves have a
         leading axis of size ``k``, or ``None`` unless asked for.
-      num_hvps: Hessian-vector products spent (the iterations and the ``k`` residuals).
+      num_hvps: Hessian-vector products spent (one per iteration).
     """
 
     values: jax.Array
@@ -91,67 +93,104 @@ def spectral_density(spectrum: Spectrum, grid: jax.Array, *, sigma: float) -> ja
     return jnp.mean(jnp.sum(spectrum.weights[None] * kernel, axis=2), axis=1)
 
 
-def _flat_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree):
-    """``(v ↦ H v on flat vectors, flat params, unravel)``, the product prepared once."""
-    flat, unravel = ravel_pytree(params)
+def _matvec(loss_fn: LossFn, params: PyTree, batch: PyTree):
+    """``(v ↦ H v on pytrees like params in float32 at least, that dtype)``: the product
+    prepared once, reverse over forward (``jaxgen._hvp``: its products come back in the
+    parameters' layout). The basis stays a pytree: flattening every vector
+    (``ravel_pytree``) cost more than the product itself on the benchmarks' MLP."""
     custom_vjp = has_custom_vjp(loss_fn, params, batch)
-    hvp = hvp_fn(lambda p: mean_loss(loss_fn, p, batch), params, custom_vjp=custom_vjp)
-    dtype = jnp.promote_types(flat.dtype, jnp.float32)
+    hvp = hvp_fn(
+        lambda p: mean_loss(loss_fn, p, batch), params, custom_vjp=custom_vjp, outer="reverse"
+    )
+    dtypes = jax.tree_util.tree_map(lambda x: jnp.promote_types(x.dtype, jnp.float32), params)
 
     def matvec(v):
-        return ravel_pytree(hvp(unravel(v.astype(flat.dtype))))[0].astype(dtype)
+        product = hvp(jax.tree_util.tree_map(lambda u, x: u.astype(x.dtype), v, params))
+        return jax.tree_util.tree_map(lambda u, d: u.astype(d), product, dtypes)
 
-    return matvec, flat.astype(dtype), unravel
+    return matvec, dtypes
 
 
-def lanczos(matvec, start: jax.Array, steps: int, key: jax.Array, *, unroll: bool = False):
+def _axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda u, w: alpha * u + w, x, y)
+
+
+def _coefficients(basis: PyTree, w: PyTree) -> jax.Array:
+    """``Q w``: the inner products of ``w`` with the basis rows."""
+    rows = jax.tree_util.tree_leaves(basis)
+    return sum(
+        q.reshape(q.shape[0], -1) @ x.ravel()
+        for q, x in zip(rows, jax.tree_util.tree_leaves(w), strict=True)
+    )
+
+
+def combine(coefficients: jax.Array, basis: PyTree) -> PyTree:
+    """``Qᵀ c``: the basis rows (leading axis of every leaf) weighted by ``c`` and summed."""
+    return jax.tree_util.tree_map(lambda q: jnp.tensordot(coefficients, q, axes=1), basis)
+
+
+def lanczos(matvec, start: PyTree, steps: int, key: jax.Array, *, unroll: bool = False):
     """``steps`` Lanczos iterations from ``start`` with full reorthogonalisation:
-    ``(alphas (m,), betas (m − 1,), basis (m, P))``, ``T = tridiag(betas, alphas, betas)``.
+    ``(alphas (m,), betas (m,), basis)``, ``T = tridiag(betas[:-1], alphas, betas[:-1])``,
+    ``basis`` a pytree like ``start`` whose leaves have a leading axis of ``m + 1`` rows
+    (the last is the next Lanczos vector), and ``betas[-1]`` the norm of the step beyond
+    (``‖H q − θ q‖ = |β_m s_m|`` for a Ritz pair ``(θ, q = Qᵀ s)``).
 
-    On breakdown (the Krylov space is invariant: ``β`` vanishes) the next vector is a
-    fresh random one orthogonal to the basis and ``β = 0``, so ``T`` splits into blocks
-    whose eigenvalues are all eigenvalues of ``H``."""
-    size, dtype = start.shape[0], start.dtype
+    Each step is the three-term recurrence ``w = H v − α v − β v₋₁`` and then one classical
+    Gram–Schmidt pass ``w ← w − Qᵀ(Q w)`` against the basis (``v`` and ``v₋₁`` included, the
+    rows not yet written are zeros): the basis stays orthogonal to rounding. The pass reads
+    the ``m × P`` numbers twice, which on a large model costs about as much as the product.
+    The new vector is written after the pass, into the next row: that it depends on the
+    pass's reads lets XLA update the basis in place (written before them, or into the row
+    just read, XLA:CPU copied all ``m × P`` numbers two or three times a step). On
+    breakdown (the Krylov space is invariant: ``w`` vanishes) the pass takes a fresh
+    random ±1 vector instead and ``β = 0``, so ``T`` splits into blocks whose eigenvalues are
+    all eigenvalues of ``H``."""
+    leaves = jax.tree_util.tree_leaves(start)
+    dtype = functools.reduce(jnp.promote_types, [x.dtype for x in leaves])
     tiny = jnp.finfo(dtype).eps * 10
 
-    def project(w, basis, v):
-        # Against the basis so far (its rows not yet filled are zeros) and v, the row it
-        # is about to take. ``basis`` is only read until it is written, last, and never
-        # passed through a ``cond``: XLA then updates it in place (otherwise it copied
-        # all ``m × P`` numbers twice per step, twice the cost of the product).
-        w = w - basis.T @ (basis @ w)
-        return w - jnp.vdot(v, w) * v
+    def norm(w):
+        return jnp.sqrt(optax.tree.vdot(w, w))
 
     def step(i, carry):
-        basis, alphas, betas, v, scale = carry
+        basis, alphas, betas, v, previous, scale = carry
         w = matvec(v)
-        alpha = jnp.vdot(v, w)
-        w = project(w, basis, v)
-        beta = jnp.linalg.norm(w)
+        alpha = optax.tree.vdot(v, w)
+        beta = jnp.where(i > 0, betas[jnp.maximum(i - 1, 0)], 0)
+        w = _axpy(-beta, previous, _axpy(-alpha, v, w))
         scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
-        broke = beta <= tiny * scale
-        fresh = jax.lax.cond(
-            broke,
-            lambda: jax.random.normal(jax.random.fold_in(key, i), (size,), dtype),
-            lambda: jnp.zeros((size,), dtype),
+        broke = norm(w) <= tiny * scale
+        # ±1 signs are cheap enough to draw every step: a ``cond`` that drew them only on
+        # breakdown made every step 1.5× slower, taken or not.
+        fresh = rademacher_like(jax.random.fold_in(key, i), w)
+        w = jax.tree_util.tree_map(lambda f, x: jnp.where(broke, f, x), fresh, w)
+        w = jax.tree_util.tree_map(jnp.subtract, w, combine(_coefficients(basis, w), basis))
+        length = norm(w)
+        following = jax.tree_util.tree_map(lambda x: x / length, w)
+        basis = jax.tree_util.tree_map(
+            lambda q, x: lax.dynamic_update_index_in_dim(q, x, i + 1, 0), basis, following
         )
-        w = project(jnp.where(broke, fresh, w), basis, v)  # Gram–Schmidt twice: orthogonal
-        basis = basis.at[i].set(v)
-        beta = jnp.where(broke, 0, beta)
-        return basis, alphas.at[i].set(alpha), betas.at[i].set(beta), w / jnp.linalg.norm(w), scale
+        betas = betas.at[i].set(jnp.where(broke, 0, length))
+        return basis, alphas.at[i].set(alpha), betas, following, v, scale
 
+    first = jax.tree_util.tree_map(lambda x: x / norm(start), start)
     init = (
-        jnp.zeros((steps, size), dtype),
+        jax.tree_util.tree_map(
+            lambda x: jnp.zeros((steps + 1, *x.shape), x.dtype).at[0].set(x), first
+        ),
         jnp.zeros(steps, dtype),
         jnp.zeros(steps, dtype),
-        start / jnp.linalg.norm(start),
+        first,
+        jax.tree_util.tree_map(jnp.zeros_like, start),
         jnp.zeros((), dtype),
     )
-    basis, alphas, betas, _, _ = jax.lax.fori_loop(0, steps, step, init, unroll=unroll or 1)
-    return alphas, betas[:-1], basis
+    basis, alphas, betas, *_ = lax.fori_loop(0, steps, step, init, unroll=unroll or 1)
+    return alphas, betas, basis
 
 
 def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
+    """``T`` from the diagonal ``alphas (m,)`` and the off-diagonal ``betas (m − 1,)``."""
     return jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
 
 
@@ -161,21 +200,29 @@ def _parameter_count(params: PyTree) -> int:
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "num_iterations", "which", "vectors"))
 def _eigenvalues(loss_fn, params, batch, key, k, num_iterations, which, vectors):
-    matvec, flat, unravel = _flat_hvp(loss_fn, params, batch)
+    matvec, dtypes = _matvec(loss_fn, params, batch)
     start_key, restart_key = jax.random.split(key)
-    start = jax.random.normal(start_key, flat.shape, flat.dtype)
+    start = gaussian_like(start_key, _zeros(dtypes, params), 1.0)
     # XLA:CPU runs convolutions ~40× slower inside loops (``jaxgen._chunks``): unrolled.
-    unroll = loops_are_slow(matvec, flat)
+    unroll = loops_are_slow(matvec, start)
     alphas, betas, basis = lanczos(matvec, start, num_iterations, restart_key, unroll=unroll)
-    ritz, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas))  # ascending
+    ritz, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas[:-1]))  # ascending
     order = jnp.arange(k) if which == "smallest" else num_iterations - 1 - jnp.arange(k)
     values, rotation = ritz[order], rotation[:, order]
-    ritz_vectors = rotation.T @ basis  # (k, P), unit norm
-    residuals = jnp.linalg.norm(
-        jax.vmap(matvec)(ritz_vectors) - values[:, None] * ritz_vectors, axis=1
+    residuals = jnp.abs(betas[-1] * rotation[-1])
+    if not vectors:
+        return values, residuals, None
+    last_row = jnp.zeros((k, 1), rotation.dtype)  # the basis's next Lanczos vector
+    ritz_vectors = combine(jnp.concatenate([rotation.T, last_row], axis=1), basis)
+    return (
+        values,
+        residuals,
+        jax.tree_util.tree_map(lambda v, p: v.astype(p.dtype), ritz_vectors, params),
     )
-    out = jax.vmap(unravel)(ritz_vectors.astype(flat.dtype)) if vectors else None
-    return values, residuals, out
+
+
+def _zeros(dtypes: PyTree, params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda d, p: jnp.zeros(p.shape, d), dtypes, params)
 
 
 def hessian_eigenvalues(
@@ -195,11 +242,12 @@ def hessian_eigenvalues(
     ``num_iterations`` Hessian-vector products (forward over reverse, or the VJP of the
     gradient for a loss with a ``custom_vjp``: ``jaxgen._hvp``) from a Gaussian start build
     a Krylov basis (``num_iterations × P`` numbers, in float32 at least); the Ritz values
-    of its tridiagonal matrix are returned, each with its residual ``‖H v − λ v‖`` from
-    one more product, which bounds its distance to an eigenvalue of ``H``. The extreme
-    eigenvalues converge first, at a rate set by their gap to the rest; the smallest
-    (most negative) comes from the same iteration: negative curvature after training is
-    ``which="smallest"``. With ``num_iterations = P`` the values are exact up to rounding.
+    of its tridiagonal matrix are returned, each with its residual ``‖H v − λ v‖`` (read
+    off the iteration, ``|β_m s_m|``), which bounds its distance to an eigenvalue of
+    ``H``. The extreme eigenvalues converge first, at a rate set by their gap to the
+    rest; the smallest (most negative) comes from the same iteration: negative curvature
+    after training is ``which="smallest"``. With ``num_iterations = P`` the values are
+    exact up to rounding.
 
     Args:
       loss_fn: per-example loss ``loss_fn(params, example) -> scalar``.
@@ -240,18 +288,18 @@ def hessian_eigenvalues(
     values, residuals, out = _eigenvalues(
         loss_fn, params, batch, as_key(key), k, num_iterations, which, vectors
     )
-    return EigenEstimate(values, residuals, out, num_iterations + k)
+    return EigenEstimate(values, residuals, out, num_iterations)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "num_iterations"))
 def _spectrum(loss_fn, params, batch, key, num_probes, num_iterations):
-    matvec, flat, _ = _flat_hvp(loss_fn, params, batch)
+    matvec, dtypes = _matvec(loss_fn, params, batch)
 
     def one(probe_key):
         start_key, restart_key = jax.random.split(probe_key)
-        start = jax.random.rademacher(start_key, flat.shape, flat.dtype)
+        start = rademacher_like(start_key, _zeros(dtypes, params))
         alphas, betas, _ = lanczos(matvec, start, num_iterations, restart_key)
-        nodes, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas))
+        nodes, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas[:-1]))
         return nodes, rotation[0] ** 2
 
     nodes, weights = jax.lax.map(one, jax.random.split(key, num_probes))
