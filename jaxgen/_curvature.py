@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen import _checks
+from jaxgen._chunks import MAX_UNROLLED, loops_are_slow
 from jaxgen._hessian import _hvp_fn
 from jaxgen._random import as_key, rademacher_like
 from jaxgen._types import LossFn, PyTree
@@ -43,7 +44,7 @@ class HessianDiagonal(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size"))
 def _diagonal(loss_fn, params, batch, key, num_probes, chunk_size):
-    hvp = _hvp_fn(loss_fn, params, batch)
+    hvp = _hvp_fn(loss_fn, params, batch, outer="reverse")  # products in params' layout
     dtype = jnp.promote_types(jax.tree_util.tree_leaves(params)[0].dtype, jnp.float32)
 
     def products(probe_key):
@@ -68,7 +69,9 @@ def _diagonal(loss_fn, params, batch, key, num_probes, chunk_size):
         return (total, squares), blocks
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, dtype), params)
-    (total, squares), blocks = jax.lax.scan(row, (zeros, zeros), (keys, keep))
+    # XLA:CPU runs convolutions ~40× slower inside loops (``jaxgen._chunks``): unrolled.
+    unroll = rows if rows <= MAX_UNROLLED and loops_are_slow(hvp, params) else 1
+    (total, squares), blocks = jax.lax.scan(row, (zeros, zeros), (keys, keep), unroll=unroll)
     blocks = jax.tree_util.tree_map(lambda b: b.reshape(-1)[:num_probes], blocks)
 
     def mean_stderr(total, squares):

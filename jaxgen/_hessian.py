@@ -74,10 +74,12 @@ def _quadratic_form_fn(loss_fn: LossFn, params: PyTree, batch: PyTree, hvp=None)
     return forward_over_forward
 
 
-def _hvp_fn(loss_fn: LossFn, params: PyTree, batch: PyTree):
-    """``v ↦ H v`` at ``params``, prepared once (``jaxgen._hvp.hvp_fn``)."""
+def _hvp_fn(loss_fn: LossFn, params: PyTree, batch: PyTree, *, outer: str = "forward"):
+    """``v ↦ H v`` of the mean loss at ``params``, prepared once (``jaxgen._hvp.hvp_fn``)."""
     custom_vjp = has_custom_vjp(loss_fn, params, batch)
-    return hvp_fn(lambda p: mean_loss(loss_fn, p, batch), params, custom_vjp=custom_vjp)
+    return hvp_fn(
+        lambda p: mean_loss(loss_fn, p, batch), params, custom_vjp=custom_vjp, outer=outer
+    )
 
 
 def _in_rows(fn, xs, chunk_size, probe_sharding):

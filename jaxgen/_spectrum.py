@@ -25,13 +25,13 @@ import optax
 from jax import lax
 
 from jaxgen import _checks
-from jaxgen._chunks import loops_are_slow
-from jaxgen._hvp import has_custom_vjp, hvp_fn
-from jaxgen._per_example import mean_loss
+from jaxgen._chunks import loops_are_slow, map_in_rows
+from jaxgen._hessian import _hvp_fn
 from jaxgen._random import as_key, gaussian_like, rademacher_like
 from jaxgen._types import LossFn, PyTree
 
 WHICH = ("largest", "smallest")
+SPECTRUM_BASIS_NUMBERS = 2**27  # 512 MiB of float32 Krylov bases for the probes side by side
 
 
 class EigenEstimate(NamedTuple):
@@ -98,10 +98,7 @@ def _matvec(loss_fn: LossFn, params: PyTree, batch: PyTree):
     prepared once, reverse over forward (``jaxgen._hvp``: its products come back in the
     parameters' layout). The basis stays a pytree: flattening every vector
     (``ravel_pytree``) cost more than the product itself on the benchmarks' MLP."""
-    custom_vjp = has_custom_vjp(loss_fn, params, batch)
-    hvp = hvp_fn(
-        lambda p: mean_loss(loss_fn, p, batch), params, custom_vjp=custom_vjp, outer="reverse"
-    )
+    hvp = _hvp_fn(loss_fn, params, batch, outer="reverse")
     dtypes = jax.tree_util.tree_map(lambda x: jnp.promote_types(x.dtype, jnp.float32), params)
 
     def matvec(v):
@@ -295,15 +292,21 @@ def hessian_eigenvalues(
 def _spectrum(loss_fn, params, batch, key, num_probes, num_iterations):
     matvec, dtypes = _matvec(loss_fn, params, batch)
 
+    zeros = _zeros(dtypes, params)
+    unroll = loops_are_slow(matvec, zeros)
+
     def one(probe_key):
         start_key, restart_key = jax.random.split(probe_key)
-        start = rademacher_like(start_key, _zeros(dtypes, params))
-        alphas, betas, _ = lanczos(matvec, start, num_iterations, restart_key)
+        start = rademacher_like(start_key, zeros)
+        alphas, betas, _ = lanczos(matvec, start, num_iterations, restart_key, unroll=unroll)
         nodes, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas[:-1]))
-        return nodes, rotation[0] ** 2
+        return jnp.stack([nodes, rotation[0] ** 2])
 
-    nodes, weights = jax.lax.map(one, jax.random.split(key, num_probes))
-    return Spectrum(nodes, weights)
+    # Probes side by side (batched products), as many as keep their bases within budget.
+    per_probe = (num_iterations + 1) * _parameter_count(params)
+    width = max(1, min(num_probes, SPECTRUM_BASIS_NUMBERS // per_probe))
+    out = map_in_rows(one, jax.random.split(key, num_probes), width)
+    return Spectrum(out[:, 0], out[:, 1])
 
 
 def hessian_spectrum(
@@ -323,10 +326,11 @@ def hessian_spectrum(
     squared first components of ``T``'s eigenvectors are the nodes and weights of a
     Gauss quadrature. ``Spectrum.moment(1)`` and ``moment(2)`` estimate ``Tr H / P`` and
     ``Tr H² / P`` (exactly ``vᵀHv/‖v‖²`` and ``‖Hv‖²/‖v‖²`` per probe);
-    ``spectral_density`` smooths the nodes into a density on a grid. The probes run
-    one after another in a loop (memory: one basis of ``num_iterations × P`` numbers);
-    on a CPU a model with convolutions runs them slowly there (XLA:CPU runs convolutions
-    ~40× slower inside loops), which ``hessian_eigenvalues`` avoids by unrolling.
+    ``spectral_density`` smooths the nodes into a density on a grid. The probes run side
+    by side (batched products), as many at a time as keep their Krylov bases within
+    ``2²⁷`` numbers (512 MiB in float32), the groups one after another; on a CPU the
+    steps of a model with convolutions are unrolled (XLA:CPU runs convolutions ~40×
+    slower inside loops), which costs compile time in proportion to them.
 
     Example:
       >>> import jax.numpy as jnp, jaxgen

@@ -76,7 +76,7 @@ def test_a_custom_vjp_loss_takes_its_hessian_by_reverse_over_reverse_once(mlp, m
     jaxgen.hessian_trace(
         fresh_loss, params, batch, key=jax.random.key(0), num_probes=6, method="hutch++"
     )
-    assert prepared == [{"custom_vjp": True}]
+    assert prepared == [{"custom_vjp": True, "outer": "forward"}]
 
 
 def test_hutchinson_is_within_a_few_standard_errors_of_exact(mlp):

@@ -161,14 +161,18 @@ def test_every_estimator_follows_scans_checkpoints_and_convolutions(program):
     hessian, _ = exact_hessian(loss_fn, params, batch)
     exact = np.linalg.eigvalsh(hessian)
     size = hessian.shape[0]
-    top = jaxgen.hessian_eigenvalues(loss_fn, params, batch, key=0, k=2, num_iterations=size)
+    # 20 steps: the two largest have converged (fewer unrolled steps to compile for the CNN)
+    top = jaxgen.hessian_eigenvalues(loss_fn, params, batch, key=0, k=2, num_iterations=20)
     np.testing.assert_allclose(top.values, exact[::-1][:2], rtol=2e-4)
+    assert np.all(np.asarray(top.residuals) < 1e-3 * exact.max())
     spectrum = jaxgen.hessian_spectrum(
         loss_fn, params, batch, key=1, num_probes=6, num_iterations=8
     )
     value, stderr = spectrum.moment(1)
     assert abs(float(value) - np.trace(hessian) / size) < 5 * float(stderr) + 1e-5
-    diagonal = jaxgen.hessian_diagonal(loss_fn, params, batch, key=2, num_probes=200)
+    diagonal = jaxgen.hessian_diagonal(
+        loss_fn, params, batch, key=2, num_probes=200, chunk_size=100
+    )
     total = sum(float(t) for t in jax.tree_util.tree_leaves(diagonal.block_traces))
     error = np.sqrt(
         sum(float(e) ** 2 for e in jax.tree_util.tree_leaves(diagonal.block_trace_stderr))
