@@ -4,14 +4,16 @@
 
 On each model (batch 64; 256 without ``--quick``), in one process:
 
-- **Top eigenvalue.** ``jaxgen.hessian_eigenvalues`` with 4, 5, ..., 30 Lanczos steps until
-  its value is within 1e-3 of the reference (Lanczos with 40 steps); the products and
-  seconds (median) of that run. PyHessian's ``eigenvalues(tol=1e-3)`` (power iteration)
-  on a PyTorch twin holding the same weights and batch: its value, products (counted)
-  and seconds; its ``tol`` bounds the change between iterations, not the error, so it
-  runs again at 1e-4, 1e-5, 1e-6 until its value is within 1e-3 of the reference too,
-  and those products and seconds are reported beside. PyHessian's ``trace(maxIter=20)``: seconds per product beside
-  ``jaxgen.hessian_trace``'s (Hutchinson), Lanczos's product alone and a whole Lanczos step.
+- **Top eigenvalue.** ``jaxgen.hessian_eigenvalues`` with 4, 5, ..., 30 Lanczos steps
+  until its value is within 1e-3 of the reference (Lanczos with 40 steps); the products
+  (one per step) and seconds (median) of that run; the same with
+  ``reorthogonalize=False``. PyHessian's ``eigenvalues(tol=1e-3)`` (power iteration) on a
+  PyTorch twin holding the same weights and batch: its value, products (counted) and
+  seconds; its ``tol`` bounds the change between iterations, not the error, so it runs
+  again at 1e-4, 1e-5, 1e-6 until its value is within 1e-3 of the reference too, and
+  those products and seconds are reported beside. PyHessian's ``trace(maxIter=20)``:
+  seconds per product beside ``jaxgen.hessian_trace``'s (Hutchinson), Lanczos's product
+  alone and a whole Lanczos step (20 steps).
   PyHessian's ``density`` calls ``torch.eig``, removed from PyTorch: not run.
 - **Spectrum.** ``jaxgen.hessian_spectrum`` (4 probes × 10 steps): seconds, and its
   first moment against ``Tr H / P`` from ``hessian_trace``.
@@ -58,18 +60,18 @@ def _relative(a, b) -> float:
     return abs(float(a) - float(b)) / abs(float(b))
 
 
-def _top_eigenvalue(loss_fn, params, batch):
-    """Lanczos steps, value, seconds and products to within ``TOLERANCE`` of the reference."""
-    reference = jaxgen.hessian_eigenvalues(
-        loss_fn, params, batch, key=0, num_iterations=REFERENCE_STEPS
-    ).values[0]
+def _top_eigenvalue(loss_fn, params, batch, reference, *, reorthogonalize=True):
+    """Lanczos steps, value and seconds to within ``TOLERANCE`` of the reference."""
+    estimate = functools.partial(
+        jaxgen.hessian_eigenvalues, loss_fn, key=0, reorthogonalize=reorthogonalize
+    )
     for steps in (4, 5, 6, 7, 8, 10, 12, 15, 20, 30, REFERENCE_STEPS):
-        top = jaxgen.hessian_eigenvalues(loss_fn, params, batch, key=0, num_iterations=steps)
+        top = estimate(params, batch, num_iterations=steps)
         if _relative(top.values[0], reference) <= TOLERANCE:
             break
-    run = functools.partial(jaxgen.hessian_eigenvalues, loss_fn, key=0, num_iterations=steps)
+    run = functools.partial(estimate, num_iterations=steps)
     seconds = median_seconds(lambda p, b: run(p, b).values, params, batch, repeats=5)
-    return float(reference), float(top.values[0]), steps, top.num_hvps, seconds
+    return float(top.values[0]), steps, seconds
 
 
 def _per_product(loss_fn, params, batch):
@@ -218,7 +220,15 @@ def _backpack_rows(name, params, batch, moments):
 
 
 def _measure(name, loss_fn, params, batch, *, peers: bool) -> dict:
-    reference, value, steps, hvps, seconds = _top_eigenvalue(loss_fn, params, batch)
+    reference = float(
+        jaxgen.hessian_eigenvalues(
+            loss_fn, params, batch, key=0, num_iterations=REFERENCE_STEPS
+        ).values[0]
+    )
+    value, steps, seconds = _top_eigenvalue(loss_fn, params, batch, reference)
+    plain_value, plain_steps, plain_seconds = _top_eigenvalue(
+        loss_fn, params, batch, reference, reorthogonalize=False
+    )
     grad_seconds, trace_product, lanczos_product, lanczos_step = _per_product(
         loss_fn, params, batch
     )
@@ -226,8 +236,10 @@ def _measure(name, loss_fn, params, batch, *, peers: bool) -> dict:
         "top_eigenvalue": reference,
         "jaxgen_value": value,
         "jaxgen_steps": steps,
-        "jaxgen_products": hvps,
         "jaxgen_seconds": seconds,
+        "jaxgen_plain_value": plain_value,
+        "jaxgen_plain_steps": plain_steps,
+        "jaxgen_plain_seconds": plain_seconds,
         "grad_seconds": grad_seconds,
         "trace_per_product_over_grad": trace_product / grad_seconds,
         "lanczos_product_over_grad": lanczos_product / grad_seconds,
@@ -259,6 +271,9 @@ def _measure(name, loss_fn, params, batch, *, peers: bool) -> dict:
         row["pyhessian_value_difference"] = _relative(peer["value"], reference)
         row["pyhessian_over_jaxgen_seconds"] = peer["seconds"] / seconds
         row["pyhessian_accurate_over_jaxgen_seconds"] = peer["accurate_seconds"] / seconds
+        row["pyhessian_accurate_over_jaxgen_plain_seconds"] = (
+            peer["accurate_seconds"] / plain_seconds
+        )
     moments = jaxgen.gradient_moments(loss_fn, params, batch, method="ghost")
     packed = _backpack_rows(name, params, batch, moments)
     if packed:

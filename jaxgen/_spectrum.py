@@ -126,7 +126,16 @@ def combine(coefficients: jax.Array, basis: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda q: jnp.tensordot(coefficients, q, axes=1), basis)
 
 
-def lanczos(matvec, start: PyTree, steps: int, key: jax.Array, *, unroll: bool = False):
+def lanczos(
+    matvec,
+    start: PyTree,
+    steps: int,
+    key: jax.Array,
+    *,
+    unroll: bool = False,
+    reorthogonalize: bool = True,
+    keep_basis: bool = True,
+):
     """``steps`` Lanczos iterations from ``start`` with full reorthogonalisation:
     ``(alphas (m,), betas (m,), basis)``, ``T = tridiag(betas[:-1], alphas, betas[:-1])``,
     ``basis`` a pytree like ``start`` whose leaves have a leading axis of ``m + 1`` rows
@@ -142,7 +151,13 @@ def lanczos(matvec, start: PyTree, steps: int, key: jax.Array, *, unroll: bool =
     just read, XLA:CPU copied all ``m × P`` numbers two or three times a step). On
     breakdown (the Krylov space is invariant: ``w`` vanishes) the pass takes a fresh
     random ±1 vector instead and ``β = 0``, so ``T`` splits into blocks whose eigenvalues are
-    all eigenvalues of ``H``."""
+    all eigenvalues of ``H``.
+
+    ``reorthogonalize=False``: the pass is against ``v`` and ``v₋₁`` only (plain Lanczos,
+    as PyHessian's power iteration keeps no basis either; ``basis`` is ``None`` unless
+    ``keep_basis``). Orthogonality is then lost, in rounding, along the Ritz vectors that
+    have converged, which come back as copies ("ghosts"): the extreme value and its
+    residual stay right, the count of nearby values does not."""
     leaves = jax.tree_util.tree_leaves(start)
     dtype = functools.reduce(jnp.promote_types, [x.dtype for x in leaves])
     tiny = jnp.finfo(dtype).eps * 10
@@ -162,20 +177,28 @@ def lanczos(matvec, start: PyTree, steps: int, key: jax.Array, *, unroll: bool =
         # breakdown made every step 1.5× slower, taken or not.
         fresh = rademacher_like(jax.random.fold_in(key, i), w)
         w = jax.tree_util.tree_map(lambda f, x: jnp.where(broke, f, x), fresh, w)
-        w = jax.tree_util.tree_map(jnp.subtract, w, combine(_coefficients(basis, w), basis))
+        if reorthogonalize:
+            w = jax.tree_util.tree_map(jnp.subtract, w, combine(_coefficients(basis, w), basis))
+        else:  # against v and v₋₁ only, again: what the recurrence left, and a fresh vector
+            w = _axpy(-optax.tree.vdot(v, w), v, w)
+            w = _axpy(-optax.tree.vdot(previous, w), previous, w)
         length = norm(w)
         following = jax.tree_util.tree_map(lambda x: x / length, w)
-        basis = jax.tree_util.tree_map(
-            lambda q, x: lax.dynamic_update_index_in_dim(q, x, i + 1, 0), basis, following
-        )
+        if basis is not None:
+            basis = jax.tree_util.tree_map(
+                lambda q, x: lax.dynamic_update_index_in_dim(q, x, i + 1, 0), basis, following
+            )
         betas = betas.at[i].set(jnp.where(broke, 0, length))
         return basis, alphas.at[i].set(alpha), betas, following, v, scale
 
     first = jax.tree_util.tree_map(lambda x: x / norm(start), start)
-    init = (
-        jax.tree_util.tree_map(
+    basis = None
+    if reorthogonalize or keep_basis:
+        basis = jax.tree_util.tree_map(
             lambda x: jnp.zeros((steps + 1, *x.shape), x.dtype).at[0].set(x), first
-        ),
+        )
+    init = (
+        basis,
         jnp.zeros(steps, dtype),
         jnp.zeros(steps, dtype),
         first,
@@ -195,14 +218,20 @@ def _parameter_count(params: PyTree) -> int:
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "num_iterations", "which", "vectors"))
-def _eigenvalues(loss_fn, params, batch, key, k, num_iterations, which, vectors):
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "k", "num_iterations", "which", "vectors", "reorthogonalize"),
+)
+def _eigenvalues(loss_fn, params, batch, key, k, num_iterations, which, vectors, reorthogonalize):
     matvec, dtypes = _matvec(loss_fn, params, batch)
     start_key, restart_key = jax.random.split(key)
     start = gaussian_like(start_key, _zeros(dtypes, params), 1.0)
     # XLA:CPU runs convolutions ~40× slower inside loops (``jaxgen._chunks``): unrolled.
     unroll = loops_are_slow(matvec, start)
-    alphas, betas, basis = lanczos(matvec, start, num_iterations, restart_key, unroll=unroll)
+    alphas, betas, basis = lanczos(
+        matvec, start, num_iterations, restart_key, unroll=unroll,
+        reorthogonalize=reorthogonalize, keep_basis=vectors,
+    )  # fmt: skip
     ritz, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas[:-1]))  # ascending
     order = jnp.arange(k) if which == "smallest" else num_iterations - 1 - jnp.arange(k)
     values, rotation = ritz[order], rotation[:, order]
@@ -232,6 +261,7 @@ def hessian_eigenvalues(
     num_iterations: int | None = None,
     which: str = "largest",
     vectors: bool = False,
+    reorthogonalize: bool = True,
 ) -> EigenEstimate:
     """The ``k`` largest (or smallest) eigenvalues of the Hessian of the mean loss
     ``L_B(w) = (1/b) Σ_i ℓ(w, z_i)``, by Lanczos with full reorthogonalisation.
@@ -255,6 +285,11 @@ def hessian_eigenvalues(
       num_iterations: Lanczos steps ``m``; default ``min(P, max(30, 3k))``.
       which: ``"largest"`` or ``"smallest"``.
       vectors: also return the eigenvectors, as pytrees like ``params``.
+      reorthogonalize: keep the Krylov basis orthogonal (default). ``False`` keeps no
+        basis (plain Lanczos, three-term recurrence: on a large model each step costs
+        little more than its product, where the full pass reads the whole basis twice);
+        the largest (or smallest) value and its residual stay right, but converged
+        values come back repeated ("ghosts"), so ``k > 1`` may list one twice.
 
     Returns:
       ``EigenEstimate(values, residuals, vectors, num_hvps)``.
@@ -283,8 +318,9 @@ def hessian_eigenvalues(
             f"got {num_iterations}"
         )
     values, residuals, out = _eigenvalues(
-        loss_fn, params, batch, as_key(key), k, num_iterations, which, vectors
-    )
+        loss_fn, params, batch, as_key(key), k, num_iterations, which, vectors,
+        reorthogonalize,
+    )  # fmt: skip
     return EigenEstimate(values, residuals, out, num_iterations)
 
 
@@ -302,10 +338,13 @@ def _spectrum(loss_fn, params, batch, key, num_probes, num_iterations):
         nodes, rotation = jnp.linalg.eigh(tridiagonal(alphas, betas[:-1]))
         return jnp.stack([nodes, rotation[0] ** 2])
 
-    # Probes side by side (batched products), as many as keep their bases within budget.
-    per_probe = (num_iterations + 1) * _parameter_count(params)
-    width = max(1, min(num_probes, SPECTRUM_BASIS_NUMBERS // per_probe))
-    out = map_in_rows(one, jax.random.split(key, num_probes), width)
+    keys = jax.random.split(key, num_probes)
+    if unroll:  # probes side by side in rows (batched products), their bases within budget
+        per_probe = (num_iterations + 1) * _parameter_count(params)
+        width = max(1, min(num_probes, SPECTRUM_BASIS_NUMBERS // per_probe))
+        out = map_in_rows(one, keys, width)
+    else:  # one after another: side by side was slower (the bases' reads add up)
+        out = jax.lax.map(one, keys)
     return Spectrum(out[:, 0], out[:, 1])
 
 
@@ -326,11 +365,12 @@ def hessian_spectrum(
     squared first components of ``T``'s eigenvectors are the nodes and weights of a
     Gauss quadrature. ``Spectrum.moment(1)`` and ``moment(2)`` estimate ``Tr H / P`` and
     ``Tr H² / P`` (exactly ``vᵀHv/‖v‖²`` and ``‖Hv‖²/‖v‖²`` per probe);
-    ``spectral_density`` smooths the nodes into a density on a grid. The probes run side
-    by side (batched products), as many at a time as keep their Krylov bases within
-    ``2²⁷`` numbers (512 MiB in float32), the groups one after another; on a CPU the
-    steps of a model with convolutions are unrolled (XLA:CPU runs convolutions ~40×
-    slower inside loops), which costs compile time in proportion to them.
+    ``spectral_density`` smooths the nodes into a density on a grid. The probes run one
+    after another in a loop (memory: one basis of ``num_iterations × P`` numbers), except
+    on a CPU for a model with convolutions (XLA:CPU runs those ~40× slower inside loops):
+    there the steps are unrolled and the probes run side by side (batched products), as
+    many at a time as keep their bases within ``2²⁷`` numbers (512 MiB in float32), which
+    costs compile time in proportion to the steps.
 
     Example:
       >>> import jax.numpy as jnp, jaxgen

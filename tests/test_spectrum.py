@@ -87,6 +87,25 @@ def test_a_few_iterations_give_the_top_eigenvalue_within_its_residual(mlp64):
     assert abs(float(top.values[0]) - exact[-1]) < 1e-3 * exact[-1]
 
 
+def test_without_reorthogonalisation_the_top_value_and_its_residual_hold(mlp64):
+    params, batch, hessian = mlp64
+    exact = np.linalg.eigvalsh(hessian)
+    with jax.enable_x64(True):
+        full, plain = (
+            jaxgen.hessian_eigenvalues(
+                mlp_loss, params, batch, key=0, num_iterations=25, vectors=True,
+                reorthogonalize=reorthogonalize,
+            )
+            for reorthogonalize in (True, False)
+        )  # fmt: skip
+        vector = np.asarray(ravel_pytree(jax.tree_util.tree_map(lambda v: v[0], plain.vectors))[0])
+    top = float(plain.values[0])
+    np.testing.assert_allclose(top, exact[-1], rtol=1e-9)
+    np.testing.assert_allclose(top, float(full.values[0]), rtol=1e-9)
+    true = np.linalg.norm(hessian @ vector - top * vector) / np.linalg.norm(vector)
+    assert true < 1e-6 * exact[-1] and float(plain.residuals[0]) < 1e-6 * exact[-1]
+
+
 def test_slq_moments_and_density_agree_with_the_exact_spectrum(mlp64):
     params, batch, hessian = mlp64
     exact = np.linalg.eigvalsh(hessian)
