@@ -469,3 +469,38 @@ def as_jax_layout(name, grads: dict):
         "dense": dense,
         "b3": g[5],
     }
+
+
+def torch_transformer_twin(params, batch):
+    """``(model, x, y, device)``: the block of ``transformer`` in PyTorch, holding ``params``
+    (its weights are ``x @ W``, as in JAX: no transposes) and ``batch``. For PyHessian,
+    which needs only a module and a loss; BackPACK and Opacus do not cover attention."""
+    import torch
+
+    device = torch_device()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, value in params.items():
+                tensor = torch.tensor(np.asarray(value), device=device)
+                self.register_parameter(name, torch.nn.Parameter(tensor))
+
+        @staticmethod
+        def layer_norm(x, gain):
+            mean = x.mean(-1, keepdim=True)
+            return (x - mean) * torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5) * gain
+
+        def forward(self, tokens):
+            h = self.embed[tokens]
+            q, k, v = (self.layer_norm(h, self.ln1) @ self.qkv).chunk(3, dim=-1)
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            h = h + (torch.softmax(scores, dim=-1) @ v) @ self.out
+            up = torch.nn.functional.gelu(
+                self.layer_norm(h, self.ln2) @ self.up + self.b_up, approximate="tanh"
+            )
+            h = h + up @ self.down
+            return h.mean(1) @ self.head
+
+    x = torch.tensor(np.asarray(batch["x"]), device=device).long()
+    return Block(), x, torch.tensor(np.asarray(batch["y"]), device=device).long(), device

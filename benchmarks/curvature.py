@@ -43,6 +43,7 @@ from _common import (
     median_seconds,
     mlp,
     save,
+    torch_transformer_twin,
     torch_twin,
     transformer,
 )
@@ -111,7 +112,10 @@ def _pyhessian_rows(name, params, batch, reference):
     except ImportError:
         print("  (PyHessian not installed: pip install pyhessian)")
         return {}
-    twin = torch_twin(name, params, batch)
+    if name.startswith("Transformer"):
+        twin = torch_transformer_twin(params, batch)
+    else:
+        twin = torch_twin(name, params, batch)
     if twin is None:
         return {}
     model, x, y, _ = twin
