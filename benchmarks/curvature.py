@@ -15,8 +15,7 @@ On each model (batch 64; 256 without ``--quick``), in one process:
   seconds per product beside ``jaxgen.hessian_trace``'s (Hutchinson), Lanczos's product
   alone and a whole Lanczos step (20 steps).
   PyHessian's ``density`` calls ``torch.eig``, removed from PyTorch: not run.
-- **Spectrum.** ``jaxgen.hessian_spectrum`` (4 probes × 10 steps): seconds, and its
-  first moment against ``Tr H / P`` from ``hessian_trace``.
+- **Spectrum.** ``jaxgen.hessian_spectrum`` (4 probes × 10 steps): seconds.
 - **Per-coordinate statistics.** ``jaxgen.gradient_moments`` (ghost) against a plain
   gradient; BackPACK's ``Variance``, ``SumGradSquared`` and ``DiagHessian`` against
   PyTorch's plain backward on the twin, the variance compared entry by entry with
