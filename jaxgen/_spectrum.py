@@ -126,6 +126,35 @@ def _combine(coefficients: jax.Array, basis: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda q: jnp.tensordot(coefficients, q, axes=1), basis)
 
 
+def _norm(tree: PyTree) -> jax.Array:
+    return jnp.sqrt(optax.tree.vdot(tree, tree))
+
+
+def _reorthogonalised(w: PyTree, basis: PyTree, key: jax.Array, tiny: jax.Array):
+    """``(w less its components along the basis rows, whether the Krylov space broke
+    down)``: one classical Gram–Schmidt pass, enough while ``w`` is nearly orthogonal to
+    the basis already (the three-term recurrence's job). Where the pass removed over half
+    of ``w`` (the space nearly invariant), the rounding it left is of ``w``'s size, so it
+    runs twice more (Daniel, Gragg, Kaufman & Stewart's criterion); where nothing is left
+    (breakdown), a fresh Gaussian vector takes ``w``'s place, projected twice. Both are
+    rare and sit in a ``cond``."""
+
+    def project(x):
+        return jax.tree_util.tree_map(jnp.subtract, x, _combine(_coefficients(basis, x), basis))
+
+    projected = project(w)
+    left = _norm(projected)
+    broke = left <= tiny
+
+    def repair(x):
+        fresh = gaussian_like(key, x, 1.0)
+        x = jax.tree_util.tree_map(lambda f, y: jnp.where(broke, f, y), fresh, x)
+        return project(project(x))
+
+    again = broke | (left < 0.5 * _norm(w))
+    return lax.cond(again, repair, lambda x: x, projected), broke
+
+
 def lanczos(
     matvec,
     start: PyTree,
@@ -144,15 +173,17 @@ def lanczos(
 
     Each step is the three-term recurrence ``w = H v − α v − β v₋₁`` and then one classical
     Gram–Schmidt pass ``w ← w − Qᵀ(Q w)`` against the basis (``v`` and ``v₋₁`` included, the
-    rows not yet written are zeros): the basis stays orthogonal to rounding. The pass reads
+    rows not yet written are zeros), repeated where it cancelled (``_reorthogonalised``):
+    the basis stays orthogonal to rounding. The pass reads
     the ``m × P`` numbers twice, which on a large model costs more than the product (a
     20-step run on the benchmarks' MLP: a step 7.9× a gradient, its product 2×).
     The new vector is written after the pass, into the next row: that it depends on the
     pass's reads lets XLA update the basis in place (written before them, or into the row
     just read, XLA:CPU copied all ``m × P`` numbers two or three times a step). On
-    breakdown (the Krylov space is invariant: ``w`` vanishes) the pass takes a fresh
-    random ±1 vector instead and ``β = 0``, so ``T`` splits into blocks whose eigenvalues are
-    all eigenvalues of ``H``.
+    breakdown (the Krylov space is invariant: ``w`` vanishes) a fresh Gaussian vector
+    takes ``w``'s place and ``β = 0``, so ``T`` splits into blocks whose eigenvalues are
+    all eigenvalues of ``H`` (a ±1 vector would not do: it can be orthogonal to all that
+    is left, e.g. for ``H = diag(1, 1, 1, 2, 2)``).
 
     ``reorthogonalize=False``: the pass is against ``v`` and ``v₋₁`` only (plain Lanczos,
     as PyHessian's power iteration keeps no basis either; ``basis`` is ``None`` unless
@@ -163,9 +194,6 @@ def lanczos(
     dtype = functools.reduce(jnp.promote_types, [x.dtype for x in leaves])
     tiny = jnp.finfo(dtype).eps * 10
 
-    def norm(w):
-        return jnp.sqrt(optax.tree.vdot(w, w))
-
     def step(i, carry):
         basis, alphas, betas, v, previous, scale = carry
         w = matvec(v)
@@ -173,17 +201,15 @@ def lanczos(
         beta = jnp.where(i > 0, betas[jnp.maximum(i - 1, 0)], 0)
         w = _axpy(-beta, previous, _axpy(-alpha, v, w))
         scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
-        broke = norm(w) <= tiny * scale
-        # ±1 signs are cheap enough to draw every step: a ``cond`` that drew them only on
-        # breakdown made every step 1.5× slower, taken or not.
-        fresh = rademacher_like(jax.random.fold_in(key, i), w)
-        w = jax.tree_util.tree_map(lambda f, x: jnp.where(broke, f, x), fresh, w)
+        fresh_key = jax.random.fold_in(key, i)
         if reorthogonalize:
-            w = jax.tree_util.tree_map(jnp.subtract, w, _combine(_coefficients(basis, w), basis))
+            w, broke = _reorthogonalised(w, basis, fresh_key, tiny * scale)
         else:  # against v and v₋₁ only, again: what the recurrence left, and a fresh vector
+            broke = _norm(w) <= tiny * scale
+            w = lax.cond(broke, lambda x: gaussian_like(fresh_key, x, 1.0), lambda x: x, w)
             w = _axpy(-optax.tree.vdot(v, w), v, w)
             w = _axpy(-optax.tree.vdot(previous, w), previous, w)
-        length = norm(w)
+        length = _norm(w)
         following = jax.tree_util.tree_map(lambda x: x / length, w)
         if basis is not None:
             basis = jax.tree_util.tree_map(
@@ -192,7 +218,7 @@ def lanczos(
         betas = betas.at[i].set(jnp.where(broke, 0, length))
         return basis, alphas.at[i].set(alpha), betas, following, v, scale
 
-    first = jax.tree_util.tree_map(lambda x: x / norm(start), start)
+    first = jax.tree_util.tree_map(lambda x: x / _norm(start), start)
     basis = None
     if reorthogonalize or keep_basis:
         basis = jax.tree_util.tree_map(

@@ -87,6 +87,23 @@ def test_a_few_iterations_give_the_top_eigenvalue_within_its_residual(mlp64):
     assert abs(float(top.values[0]) - exact[-1]) < 1e-3 * exact[-1]
 
 
+def test_an_invariant_krylov_space_restarts_and_finds_every_eigenvalue():
+    """H = diag(1, 1, 1, 2, 2): every start's Krylov space has dimension 2, so Lanczos
+    breaks down twice in five steps; the restarts must stay orthogonal to the basis (±1
+    restart vectors did not: they can be orthogonal to what is left)."""
+    loss = lambda w, z: 0.5 * jnp.sum(z * w**2)  # noqa: E731
+    batch = jnp.array([[1.0, 1.0, 1.0, 2.0, 2.0]])
+    with jax.enable_x64(True):
+        for key in range(4):
+            got = jaxgen.hessian_eigenvalues(
+                loss, jnp.ones(5), batch, key=key, k=5, num_iterations=5, vectors=True
+            )
+            vectors = np.asarray(got.vectors)
+            np.testing.assert_allclose(got.values, [2, 2, 1, 1, 1], atol=1e-12)
+            np.testing.assert_allclose(vectors @ vectors.T, np.eye(5), atol=1e-12)
+            np.testing.assert_allclose(got.residuals, 0, atol=1e-12)
+
+
 def test_without_reorthogonalisation_the_top_value_and_its_residual_hold(mlp64):
     params, batch, hessian = mlp64
     exact = np.linalg.eigvalsh(hessian)
