@@ -210,7 +210,9 @@ def lanczos(
             w = _axpy(-optax.tree.vdot(v, w), v, w)
             w = _axpy(-optax.tree.vdot(previous, w), previous, w)
         length = _norm(w)
-        following = jax.tree_util.tree_map(lambda x: x / length, w)
+        # After the last step of a run through all P dimensions nothing may be left: the
+        # next row (never used, but weighted by 0 into the vectors) must not be 0/0.
+        following = jax.tree_util.tree_map(lambda x: x / jnp.where(length > 0, length, 1), w)
         if basis is not None:
             basis = jax.tree_util.tree_map(
                 lambda q, x: lax.dynamic_update_index_in_dim(q, x, i + 1, 0), basis, following

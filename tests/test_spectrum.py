@@ -102,6 +102,12 @@ def test_an_invariant_krylov_space_restarts_and_finds_every_eigenvalue():
             np.testing.assert_allclose(got.values, [2, 2, 1, 1, 1], atol=1e-12)
             np.testing.assert_allclose(vectors @ vectors.T, np.eye(5), atol=1e-12)
             np.testing.assert_allclose(got.residuals, 0, atol=1e-12)
+    # two parameters, two steps: the step beyond leaves exactly nothing (no 0/0 anywhere)
+    got = jaxgen.hessian_eigenvalues(
+        loss, jnp.ones(2), jnp.array([[3.0, 1.0]]), key=0, k=2, num_iterations=2, vectors=True
+    )
+    np.testing.assert_allclose(got.values, [3, 1], rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.asarray(got.vectors)), np.eye(2), atol=1e-6)
 
 
 def test_without_reorthogonalisation_the_top_value_and_its_residual_hold(mlp64):
