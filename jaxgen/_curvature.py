@@ -43,8 +43,8 @@ class HessianDiagonal(NamedTuple):
     num_probes: int
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size"))
-def _diagonal(loss_fn, params, batch, key, num_probes, chunk_size):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_probes", "chunk_size", "slow"))
+def _diagonal(loss_fn, params, batch, key, num_probes, chunk_size, slow):
     hvp = _hvp_fn(loss_fn, params, batch, outer="reverse")  # products in params' layout
     dtype = jnp.promote_types(jax.tree_util.tree_leaves(params)[0].dtype, jnp.float32)
 
@@ -71,7 +71,7 @@ def _diagonal(loss_fn, params, batch, key, num_probes, chunk_size):
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, dtype), params)
     # XLA:CPU runs convolutions ~40× slower inside loops (``jaxgen._chunks``): unrolled.
-    unroll = rows if rows <= MAX_UNROLLED and loops_are_slow(hvp, params) else 1
+    unroll = rows if rows <= MAX_UNROLLED and slow else 1
     (total, squares), blocks = jax.lax.scan(row, (zeros, zeros), (keys, keep), unroll=unroll)
     blocks = jax.tree_util.tree_map(lambda b: b.reshape(-1)[:num_probes], blocks)
 
@@ -112,10 +112,9 @@ def hessian_diagonal(
     as long per probe on the benchmarks' MLP; 10 for a model with convolutions there,
     whose rows are unrolled, and on other backends); the running sums of ``v ⊙ Hv`` and
     its square give each entry's standard error (memory: a few copies of ``params``, never
-    ``m × P``). Each leaf's
-    ``Tr H_ll = E[v_lᵀ (H v)_l]`` is the sum of its diagonal, with a standard error of its
-    own from the per-probe sums: the curvature layer by layer, on any JAX program (a
-    ``scan`` over stacked layers gives the stacked leaf's block).
+    ``m × P``). Each leaf's ``Tr H_ll = E[v_lᵀ (H v)_l]`` is the sum of its diagonal, with
+    a standard error of its own from the per-probe sums: the curvature layer by layer, on
+    any JAX program (a ``scan`` over stacked layers gives the stacked leaf's block).
 
     Example:
       >>> import jax.numpy as jnp, jaxgen
@@ -128,9 +127,10 @@ def hessian_diagonal(
     _checks.batch_size("batch", batch)
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.integer("num_probes", num_probes, minimum=1)
+    slow = loops_are_slow(functools.partial(mean_loss, loss_fn), params, batch)
     if chunk_size is None:
-        slow = loops_are_slow(functools.partial(mean_loss, loss_fn), params, batch)
         chunk_size = 10 if slow or jax.default_backend() != "cpu" else 1
     _checks.integer("chunk_size", chunk_size, minimum=1)
-    values = _diagonal(loss_fn, params, batch, as_key(key), num_probes, min(chunk_size, num_probes))
+    chunk_size = min(chunk_size, num_probes)
+    values = _diagonal(loss_fn, params, batch, as_key(key), num_probes, chunk_size, slow)
     return HessianDiagonal(*values, num_probes)

@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 import jaxgen
 from jaxgen import noise
@@ -85,7 +84,7 @@ class Instruments:
         weights as lists)."""
         loss_fn, batch, names = self.loss_fn, self.batch, self.names
         row: dict[str, Any] = {"epoch": epoch + 1}
-        size = ravel_pytree(params)[0].size
+        size = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
         iterations = min(LANCZOS_ITERATIONS, size)
         for which, name in enumerate(("hessian-max", "hessian-min")):
             if name in names:
