@@ -108,8 +108,8 @@ def hessian_diagonal(
     ``Tr H_ll``, by Hutchinson: ``diag H ≈ (1/m) Σ_j v_j ⊙ H v_j`` over Rademacher ``v_j``.
 
     One Hessian-vector product per probe (``jaxgen._hvp``), ``chunk_size`` probes at a
-    time under ``vmap`` (default: one at a time on a CPU, where batched products took 3×
-    as long per probe on the benchmarks' MLP; 10 for a model with convolutions there,
+    time under ``vmap`` (default: one at a time on a CPU, where batched products were
+    slower per probe on the benchmarks' MLP; 10 for a model with convolutions there,
     whose rows are unrolled, and on other backends); the running sums of ``v ⊙ Hv`` and
     its square give each entry's standard error (memory: a few copies of ``params``, never
     ``m × P``). Each leaf's ``Tr H_ll = E[v_lᵀ (H v)_l]`` is the sum of its diagonal, with

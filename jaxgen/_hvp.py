@@ -38,7 +38,7 @@ def hvp_fn(
     derivative ``vᵀ∇f`` (reverse over forward), which returns ``H v`` in the parameters'
     own memory layout: on XLA:CPU the linearized gradient of a square weight comes back
     transposed, and every later operation mixing it with ``v`` then read it across the
-    grain (a Lanczos step on the benchmarks' MLP: 27 ms against 19). A function with a
+    grain (a Lanczos step on the benchmarks' MLP was markedly slower). A function with a
     ``custom_vjp`` inside (``has_custom_vjp``) gets the VJP of its gradient either way."""
     grad = jax.grad(scalar_fn)
     if custom_vjp:
