@@ -20,7 +20,7 @@ lint: $(BIN)/.installed
 
 # Two workers (pytest-xdist); the docs site builds beside them (tests/conftest.py).
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=10 --doctest-modules jaxgen tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 --doctest-modules jaxgen tests
 
 docs: $(BIN)/.installed
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
