@@ -6,6 +6,7 @@ tests train the same tiny configurations, and compiling them again dominates the
 time on two cores.
 """
 
+import gc
 import os
 import shlex
 import shutil
@@ -109,6 +110,43 @@ def pytest_collection_modifyitems(items):
         return 0 if item.name.split("[")[0] in SLOW_FIRST else 1
 
     items.sort(key=order)
+
+
+def _memory_maps() -> int:
+    """How many memory mappings this process holds (Linux; 0 where it cannot tell)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+def _map_limit() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
+_MAP_LIMIT = _map_limit()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after a module once they hold half the process's
+    memory mappings.
+
+    Every compiled XLA:CPU kernel keeps three mappings (code, constants, data) for as long
+    as a cache holds its program; one xdist worker running half the suite reached 64,787
+    of Linux's default 65,530, and a worker that crosses it aborts inside XLA's compiler
+    (``Fatal Python error: Aborted`` in ``backend_compile_and_load``: its next ``mmap``
+    fails). Programs shared within a module stay compiled; across modules the on-disk
+    compilation cache serves them again.
+    """
+    yield
+    if _memory_maps() > _MAP_LIMIT // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
