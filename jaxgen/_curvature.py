@@ -21,6 +21,7 @@ from jaxgen._chunks import MAX_UNROLLED, loops_are_slow
 from jaxgen._hessian import _hvp_fn
 from jaxgen._per_example import mean_loss
 from jaxgen._random import as_key, rademacher_like
+from jaxgen._sums import pairwise_sum
 from jaxgen._types import LossFn, PyTree
 
 
@@ -65,8 +66,8 @@ def _diagonal(loss_fn, params, batch, key, num_probes, chunk_size, slow):
             return x * row_keep.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
         total, squares = carry
-        total = jax.tree_util.tree_map(lambda t, x: t + jnp.sum(masked(x), 0), total, d)
-        squares = jax.tree_util.tree_map(lambda s, x: s + jnp.sum(masked(x * x), 0), squares, d)
+        total = jax.tree_util.tree_map(lambda t, x: t + pairwise_sum(masked(x)), total, d)
+        squares = jax.tree_util.tree_map(lambda s, x: s + pairwise_sum(masked(x * x)), squares, d)
         return (total, squares), blocks
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, dtype), params)

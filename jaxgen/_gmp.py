@@ -11,6 +11,7 @@ the gradient of ``(1 − ρ) L_B(w) + ρ (1/k) Σ_j L_B(w + Δ_j)``, a stochasti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ import optax
 
 from jaxgen import _checks, _chunks
 from jaxgen._random import as_key, gaussian_like
+from jaxgen._sums import pairwise_sum
 from jaxgen._types import PyTree
 
 MODES = ("auto", "vmap", "sequential")
@@ -132,8 +134,11 @@ def gmp(
         if _resolve(mode, perturbation_sharding is not None) == "vmap":
             if perturbation_sharding is not None:
                 sample_keys = jax.lax.with_sharding_constraint(sample_keys, perturbation_sharding)
+                total = functools.partial(jnp.sum, axis=0)  # one reduction across devices
+            else:
+                total = pairwise_sum
             perturbed_mean = jax.tree_util.tree_map(
-                lambda g: jnp.mean(g, axis=0), jax.vmap(perturbed_grad)(sample_keys)
+                lambda g: total(g) / num_samples, jax.vmap(perturbed_grad)(sample_keys)
             )
         else:
 

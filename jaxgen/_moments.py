@@ -23,6 +23,7 @@ import optax
 
 from jaxgen import _checks
 from jaxgen._per_example import default_microbatch, ghost_or_vmap, map_chunks
+from jaxgen._sums import pairwise_sum
 from jaxgen._types import LossFn, PyTree
 
 _METHODS = ("auto", "vmap", "ghost")
@@ -77,8 +78,8 @@ def _moments_vmap(loss_fn, params, batch, microbatch_size):
     def sums(chunk):
         losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, chunk)
         residuals = optax.tree.sub(grads, jax.tree_util.tree_map(lambda s: s[None], shift))
-        total = jax.tree_util.tree_map(lambda r: jnp.sum(r, 0), residuals)
-        squares = jax.tree_util.tree_map(lambda r: jnp.sum(r * r, 0), residuals)
+        total = jax.tree_util.tree_map(pairwise_sum, residuals)
+        squares = jax.tree_util.tree_map(lambda r: pairwise_sum(r * r), residuals)
         return jnp.sum(losses), total, squares
 
     _, (loss_sum, total, squares) = map_chunks(

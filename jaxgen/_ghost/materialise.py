@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxgen._ghost.interpreter import ParamOnly, Use, bind
 from jaxgen._ghost.rules import Plan, accumulator
+from jaxgen._sums import pairwise_sum
 
 # The exact recomputation of a ghost leaf forms per-example gradients of it a few at a
 # time: as many as fit in this many numbers (at least one).
@@ -60,7 +61,7 @@ def centred(grads: jax.Array, mean: jax.Array) -> LeafStats:
     dtype = accumulator(grads, mean)
     flat = grads.reshape(size, -1).astype(dtype)
     residuals = flat - mean.reshape(1, -1).astype(dtype)
-    total = jnp.sum(residuals, axis=0)
+    total = pairwise_sum(residuals)
     m2 = jnp.sum(jnp.square(residuals)) - jnp.sum(jnp.square(total)) / size
     return LeafStats(jnp.sum(jnp.square(flat), axis=1), jnp.maximum(m2, 0.0))
 
@@ -136,7 +137,7 @@ def centred_in_chunks(
         flat = grads.reshape(chunk, -1).astype(dtype)
         residuals = (flat - mean.reshape(1, -1).astype(dtype)) * keep
         total, squares = carry
-        carry = (total + jnp.sum(residuals, axis=0), squares + jnp.sum(jnp.square(residuals)))
+        carry = (total + pairwise_sum(residuals), squares + jnp.sum(jnp.square(residuals)))
         return carry, jnp.sum(jnp.square(flat), axis=1)
 
     init = (jnp.zeros(mean.size, dtype), jnp.zeros((), dtype))

@@ -18,6 +18,7 @@ from jaxgen._ghost.clipping import _weighted_grads
 from jaxgen._ghost.interpreter import Use
 from jaxgen._ghost.materialise import materialise
 from jaxgen._ghost.rules import accumulator, dense_matrices, is_dense
+from jaxgen._sums import pairwise_sum
 
 
 def _one_row_dense(use: Use) -> bool:
@@ -52,8 +53,8 @@ def ghost_moments(program: Program):
         )  # fmt: skip
     for leaf, g in grads.items():
         g = g.reshape(size, *leaves[leaf].shape).astype(dtype)
-        mean[leaf] = jnp.mean(g, axis=0)
-        second[leaf] = jnp.mean(g * g, axis=0)
+        mean[leaf] = pairwise_sum(g) / size
+        second[leaf] = pairwise_sum(g * g) / size
     if squared:
         uses = {plan.fast[leaf] for leaf in squared}
         captured = [[x * x for x in c] if u in uses else c for u, c in enumerate(backward.captured)]
