@@ -29,9 +29,11 @@ _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else a parent proc
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgen-jit-")
 _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+# Every program, however quick to compile: a `jaxgen` subprocess compiles some fifty small
+# ones (eager operations among them), and reading them back saves it about a second.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 _OWN_DATA = "JAXGEN_CACHE_DIR" not in os.environ  # generated MNIST-1D, shared the same way
 if _OWN_DATA:
     os.environ["JAXGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgen-data-")
