@@ -43,8 +43,10 @@ def _members(dist):
         return wheel, set(w.namelist()), {m.split("/", 1)[1] for m in s.getnames() if "/" in m}
 
 
-def test_the_wheel_and_sdist_hold_every_module_and_the_typing_marker(dist):
+def test_the_wheel_and_sdist_hold_every_module_the_typing_marker_and_the_license(dist):
     _, wheel, sdist = _members(dist)
+    assert "LICENSE" in sdist
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in wheel), sorted(wheel)
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "jaxgen").rglob("*.py")}
     assert len(modules) >= 40
     assert modules | {"jaxgen/py.typed"} <= wheel
