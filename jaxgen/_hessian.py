@@ -224,7 +224,7 @@ def hessian_trace(
     _checks.integer("num_probes", num_probes, minimum=1)
     _checks.integer("chunk_size", chunk_size, minimum=1)
     if method == "exact":
-        size = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+        size = optax.tree.size(params)
         value, stderr = _exact(loss_fn, params, batch, chunk_size)
         return TraceEstimate(value, stderr, size)
     if key is None:

@@ -47,7 +47,7 @@ def default_microbatch(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int | 
     XLA:CPU runs convolutions in loops slowly (``jaxgen._chunks.loops_are_slow``).
     """
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    count = optax.tree.size(params)
     if jax.default_backend() != "cpu" or size * count <= 2 * VMAP_BUFFER_ELEMENTS:
         return None
     most = max(1, VMAP_BUFFER_ELEMENTS // count)

@@ -108,10 +108,6 @@ def _matvec(loss_fn: LossFn, params: PyTree, batch: PyTree):
     return matvec, dtypes
 
 
-def _axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda u, w: alpha * u + w, x, y)
-
-
 def _coefficients(basis: PyTree, w: PyTree) -> jax.Array:
     """``Q w``: the inner products of ``w`` with the basis rows."""
     rows = jax.tree_util.tree_leaves(basis)
@@ -124,10 +120,6 @@ def _coefficients(basis: PyTree, w: PyTree) -> jax.Array:
 def _combine(coefficients: jax.Array, basis: PyTree) -> PyTree:
     """``Qᵀ c``: the basis rows (leading axis of every leaf) weighted by ``c`` and summed."""
     return jax.tree_util.tree_map(lambda q: jnp.tensordot(coefficients, q, axes=1), basis)
-
-
-def _norm(tree: PyTree) -> jax.Array:
-    return jnp.sqrt(optax.tree.vdot(tree, tree))
 
 
 def _reorthogonalised(w: PyTree, basis: PyTree, key: jax.Array, tiny: jax.Array):
@@ -143,7 +135,7 @@ def _reorthogonalised(w: PyTree, basis: PyTree, key: jax.Array, tiny: jax.Array)
         return jax.tree_util.tree_map(jnp.subtract, x, _combine(_coefficients(basis, x), basis))
 
     projected = project(w)
-    left = _norm(projected)
+    left = optax.tree.norm(projected)
     broke = left <= tiny
 
     def repair(x):
@@ -151,7 +143,7 @@ def _reorthogonalised(w: PyTree, basis: PyTree, key: jax.Array, tiny: jax.Array)
         x = jax.tree_util.tree_map(lambda f, y: jnp.where(broke, f, y), fresh, x)
         return project(project(x))
 
-    again = broke | (left < 0.5 * _norm(w))
+    again = broke | (left < 0.5 * optax.tree.norm(w))
     return lax.cond(again, repair, lambda x: x, projected), broke
 
 
@@ -199,17 +191,17 @@ def lanczos(
         w = matvec(v)
         alpha = optax.tree.vdot(v, w)
         beta = jnp.where(i > 0, betas[jnp.maximum(i - 1, 0)], 0)
-        w = _axpy(-beta, previous, _axpy(-alpha, v, w))
+        w = optax.tree.add_scale(optax.tree.add_scale(w, -alpha, v), -beta, previous)
         scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
         fresh_key = jax.random.fold_in(key, i)
         if reorthogonalize:
             w, broke = _reorthogonalised(w, basis, fresh_key, tiny * scale)
         else:  # against v and v₋₁ only, again: what the recurrence left, and a fresh vector
-            broke = _norm(w) <= tiny * scale
+            broke = optax.tree.norm(w) <= tiny * scale
             w = lax.cond(broke, lambda x: gaussian_like(fresh_key, x, 1.0), lambda x: x, w)
-            w = _axpy(-optax.tree.vdot(v, w), v, w)
-            w = _axpy(-optax.tree.vdot(previous, w), previous, w)
-        length = _norm(w)
+            w = optax.tree.add_scale(w, -optax.tree.vdot(v, w), v)
+            w = optax.tree.add_scale(w, -optax.tree.vdot(previous, w), previous)
+        length = optax.tree.norm(w)
         # After the last step of a run through all P dimensions nothing may be left: the
         # next row (never used, but weighted by 0 into the vectors) must not be 0/0.
         following = jax.tree_util.tree_map(lambda x: x / jnp.where(length > 0, length, 1), w)
@@ -220,7 +212,8 @@ def lanczos(
         betas = betas.at[i].set(jnp.where(broke, 0, length))
         return basis, alphas.at[i].set(alpha), betas, following, v, scale
 
-    first = jax.tree_util.tree_map(lambda x: x / _norm(start), start)
+    start_length = optax.tree.norm(start)
+    first = jax.tree_util.tree_map(lambda x: x / start_length, start)
     basis = None
     if reorthogonalize or keep_basis:
         basis = jax.tree_util.tree_map(
@@ -241,10 +234,6 @@ def lanczos(
 def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     """``T`` from the diagonal ``alphas (m,)`` and the off-diagonal ``betas (m − 1,)``."""
     return jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
-
-
-def _parameter_count(params: PyTree) -> int:
-    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
 
 
 @functools.partial(
@@ -334,7 +323,7 @@ def hessian_eigenvalues(
     _checks.batch_size("batch", batch)
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.choice("which", which, WHICH)
-    size = _parameter_count(params)
+    size = optax.tree.size(params)
     _checks.integer("k", k, minimum=1)
     if k > size:
         raise ValueError(f"k must be at most the number of parameters, {size}, got {k}")
@@ -369,7 +358,7 @@ def _spectrum(loss_fn, params, batch, key, num_probes, num_iterations):
 
     keys = jax.random.split(key, num_probes)
     if unroll:  # probes side by side in rows (batched products), their bases within budget
-        per_probe = (num_iterations + 1) * _parameter_count(params)
+        per_probe = (num_iterations + 1) * optax.tree.size(params)
         width = max(1, min(num_probes, SPECTRUM_BASIS_NUMBERS // per_probe))
         out = map_in_rows(one, keys, width)
     else:  # one after another: side by side was slower (the bases' reads add up)
@@ -413,7 +402,7 @@ def hessian_spectrum(
     _checks.per_example_loss(loss_fn, params, batch)
     _checks.integer("num_probes", num_probes, minimum=1)
     _checks.integer("num_iterations", num_iterations, minimum=1)
-    size = _parameter_count(params)
+    size = optax.tree.size(params)
     if num_iterations > size:
         raise ValueError(
             f"num_iterations must be at most the number of parameters, {size}, got {num_iterations}"

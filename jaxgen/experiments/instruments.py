@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jaxgen
 from jaxgen import noise
@@ -84,7 +85,7 @@ class Instruments:
         weights as lists)."""
         loss_fn, batch, names = self.loss_fn, self.batch, self.names
         row: dict[str, Any] = {"epoch": epoch + 1}
-        size = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+        size = optax.tree.size(params)
         iterations = min(LANCZOS_ITERATIONS, size)
         for which, name in enumerate(("hessian-max", "hessian-min")):
             if name in names:
